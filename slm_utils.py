@@ -1355,7 +1355,6 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
                                 tok_s=f"{history['tokens_per_s']:,.0f}")
                 if evals_since_best >= cfg.patience:
                     history["stopped"] = f"early stop: no val improvement in {cfg.patience} evaluations"
-                    checkpoint(last_path)
                     break
             elif stop:
                 checkpoint(last_path)
@@ -1393,7 +1392,7 @@ def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
         model = GPTConfig(block_size=128, n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=True,
                           pad_vocab_multiple=64)
         train_cfg = TrainConfig(learning_rate=8e-4, min_lr=8e-5, warmup_steps=200, max_steps=5000,
-                                batch_size=128, block_size=128, grad_accum_steps=1, weight_decay=0.1,
+                                batch_size=64, block_size=128, grad_accum_steps=2, weight_decay=0.1,
                                 grad_clip=1.0, eval_interval=250, eval_tokens=262_144, patience=1000)
     elif name == "cpu":
         model = GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True)
