@@ -732,6 +732,8 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of tokens whose probability adds up to ``p``."""
+    if p >= 1.0:  # everything: in float32 the cumulative sum reaches 1.0 before the tail does
+        return logits
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = F.softmax(sorted_logits, dim=-1)
     # drop a token when the tokens before it already reach p (the top token always stays)
@@ -1102,11 +1104,15 @@ def _clean_state_dict(model: nn.Module) -> dict:
 def _atomic_write(path: Path, data: bytes):
     """Temp file, fsync, rename, fsync the folder: a crash leaves the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed save (full disk, lost mount) leaves no stray copy behind
+        raise
     with contextlib.suppress(OSError):
         fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -1177,6 +1183,10 @@ def load_checkpoint(path, model: nn.Module | None = None, optimizer=None, scaler
     except Exception as e:
         raise CheckpointError(f"{path} could not be unpacked ({type(e).__name__}). Fix: retrain, "
                               "or use a checkpoint written by this version of slm_utils.") from None
+    missing = [k for k in ("model_config", "model") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was not written by save_checkpoint. "
+                              "Fix: use the 'last.pt' / 'best.pt' that train() writes, or retrain.")
     saved_cfg = ckpt["model_config"]
     if model is None:
         model = GPT(GPTConfig(**saved_cfg))
@@ -1276,6 +1286,10 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
         history = ckpt["history"] or history
         evals_since_best = ckpt["extra"].get("evals_since_best", 0)
         _set_rng_state(ckpt["rng"], batch_gen)
+        if evals_since_best >= cfg.patience:  # it already stopped early: training on would change last.pt
+            log.info("%s stopped early at step %d; nothing to resume (raise patience to go on).", last_path, step)
+            return history
+        history["stopped"] = ""
     elif resume:
         log.info("resume=True but no %s yet: starting from scratch.", last_path)
     fwd = torch.compile(raw) if cfg.compile else raw
