@@ -1,0 +1,395 @@
+"""Training: the lr schedule, precision choice, optimizer groups, gradient accumulation,
+checkpoints, presets, a smoke run on the embedded corpus, and the loss plot."""
+
+import dataclasses
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display in tests
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+import slm_utils  # noqa: E402
+from slm_utils import (  # noqa: E402
+    GPT,
+    PRESETS,
+    ConfigError,
+    GPTConfig,
+    TrainConfig,
+    choose_amp_dtype,
+    configure_optimizer,
+    estimate_loss,
+    get_eval_windows,
+    get_lr,
+    load_checkpoint,
+    load_model,
+    preset,
+    save_checkpoint,
+    train,
+)
+
+
+def tiny_model(seed=0, vocab_size=50257, dropout=0.0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=dropout))
+
+
+def tokens(shape, vocab_size, seed):
+    return torch.randint(0, vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- learning-rate schedule ----------------------------------------------------------------
+
+SCHEDULE = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=111)
+
+
+def test_lr_starts_nonzero_below_peak():
+    assert 0 < get_lr(0, SCHEDULE) < SCHEDULE.learning_rate
+
+
+def test_lr_peaks_at_end_of_warmup():
+    assert get_lr(SCHEDULE.warmup_steps, SCHEDULE) == pytest.approx(SCHEDULE.learning_rate, rel=1e-12)
+
+
+def test_lr_middle_of_cosine_is_halfway():
+    middle = SCHEDULE.warmup_steps + (SCHEDULE.max_steps - 1 - SCHEDULE.warmup_steps) // 2  # step 60
+    expected = (SCHEDULE.learning_rate + SCHEDULE.min_lr) / 2
+    assert get_lr(middle, SCHEDULE) == pytest.approx(expected, rel=1e-9)
+
+
+def test_lr_ends_at_min_lr():
+    assert get_lr(SCHEDULE.max_steps - 1, SCHEDULE) == pytest.approx(SCHEDULE.min_lr, rel=1e-9)
+
+
+def test_lr_is_monotone_in_each_phase():
+    lrs = [get_lr(s, SCHEDULE) for s in range(SCHEDULE.max_steps)]
+    warmup, decay = lrs[: SCHEDULE.warmup_steps + 1], lrs[SCHEDULE.warmup_steps:]
+    assert all(a < b for a, b in zip(warmup, warmup[1:]))
+    assert all(a > b for a, b in zip(decay, decay[1:]))
+    peak = SCHEDULE.learning_rate * (1 + 1e-12)  # float rounding
+    assert all(0 < lr <= peak for lr in warmup) and all(SCHEDULE.min_lr <= lr <= peak for lr in decay)
+
+
+def test_lr_without_warmup_starts_at_peak():
+    cfg = TrainConfig(learning_rate=3e-4, min_lr=3e-5, warmup_steps=0, max_steps=50)
+    assert get_lr(0, cfg) == pytest.approx(3e-4)
+    assert get_lr(49, cfg) == pytest.approx(3e-5)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(learning_rate=1e-4, min_lr=5e-4), ["min_lr", "learning_rate"]),  # the seed's climbing "decay"
+    (dict(warmup_steps=100, max_steps=100), ["warmup_steps", "max_steps"]),
+    (dict(warmup_steps=1000, max_steps=625), ["warmup_steps", "max_steps"]),
+    (dict(batch_size=0), ["batch_size"]),
+    (dict(block_size=0), ["block_size"]),
+    (dict(grad_accum_steps=0), ["grad_accum_steps"]),
+    (dict(max_steps=0, warmup_steps=0), ["max_steps"]),
+    (dict(eval_interval=0), ["eval_interval"]),
+    (dict(eval_tokens=0), ["eval_tokens"]),
+])
+def test_nonsense_train_configs_are_rejected(kwargs, words):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(**kwargs)
+    message = str(info.value)
+    for word in words:
+        assert word in message
+    assert isinstance(info.value, ValueError)
+
+
+# ---- precision --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, capability, expected", [
+    ("cuda", (7, 5), torch.float16),  # T4: bf16 only emulated
+    ("cuda", (7, 0), torch.float16),
+    ("cuda", (8, 0), torch.bfloat16),  # A100
+    ("cuda", (9, 0), torch.bfloat16),  # H100
+    ("cpu", None, torch.float32),
+])
+def test_choose_amp_dtype(monkeypatch, device, capability, expected):
+    def refuse():
+        raise AssertionError("is_bf16_supported() says True on a T4; decide by compute capability")
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", refuse)
+    assert choose_amp_dtype(device, capability) == expected
+
+
+# ---- optimizer ---------------------------------------------------------------------------
+
+
+def test_optimizer_decays_only_matrices_and_holds_each_parameter_once():
+    model = tiny_model()
+    cfg = TrainConfig(weight_decay=0.1)
+    opt = configure_optimizer(model, cfg, "cpu")
+    assert isinstance(opt, torch.optim.AdamW)
+    grouped = [(p, g["weight_decay"]) for g in opt.param_groups for p in g["params"]]
+    ids = [id(p) for p, _ in grouped]
+    assert len(ids) == len(set(ids))  # the tied wte / lm_head matrix appears once
+    assert set(ids) == {id(p) for p in model.parameters()}
+    for p, decay in grouped:
+        assert decay == (0.1 if p.dim() >= 2 else 0.0)
+    decayed = {name for name, p in model.named_parameters()
+               if any(p is q for q, d in grouped if d > 0)}
+    assert "transformer.wte.weight" in decayed and "transformer.wpe.weight" in decayed
+    assert not any(name.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")) for name in decayed)
+
+
+# ---- gradient accumulation -----------------------------------------------------------------
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_gradient_accumulation_4x2_equals_1x8():
+    x, y = tokens((8, 16), 50257, 1), tokens((8, 16), 50257, 2)
+    model = tiny_model()
+    _, loss = model(x, y)
+    loss.backward()
+    whole = grads(model)
+    model.zero_grad(set_to_none=True)
+    for i in range(4):
+        _, loss = model(x[2 * i: 2 * i + 2], y[2 * i: 2 * i + 2])
+        (loss / 4).backward()
+    accumulated = grads(model)
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_train_loop_accumulates_like_one_big_batch(shakespeare_dir, tmp_path, monkeypatch):
+    """train() itself: 4 micro-batches of 2 give the same loss and gradient as 1 batch of 8."""
+    x, y = tokens((8, 16), 50257, 3), tokens((8, 16), 50257, 4)
+    served = []
+
+    def fixed_batches(data_dir, split, batch_size, block_size, device="cpu", generator=None):
+        start = sum(served) % 8
+        served.append(batch_size)
+        return x[start:start + batch_size], y[start:start + batch_size]
+
+    seen_grads = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def record_then_clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        seen_grads.append([p.grad.clone() for p in params])
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(slm_utils, "get_batch", fixed_batches)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record_then_clip)
+    histories = []
+    for batch_size, accum in ((8, 1), (2, 4)):
+        cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=0, max_steps=1, batch_size=batch_size,
+                          block_size=16, grad_accum_steps=accum, eval_interval=1, eval_tokens=64,
+                          out_dir=str(tmp_path / f"run{accum}"))
+        histories.append(train(tiny_model(), shakespeare_dir, cfg))
+    assert served == [8, 2, 2, 2, 2]
+    assert histories[0]["train_loss"][0] == pytest.approx(histories[1]["train_loss"][0], rel=1e-5)
+    assert histories[0]["tokens"] == histories[1]["tokens"] == [128]
+    for whole, accumulated in zip(*seen_grads):
+        torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+class FakeCompiled(nn.Module):
+    """Stands in for torch.compile's wrapper: holds the model as ``_orig_mod``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self._orig_mod = model
+
+    def forward(self, *args, **kwargs):
+        return self._orig_mod(*args, **kwargs)
+
+
+def trained_a_step(model):
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=5, batch_size=2, block_size=16)
+    opt = configure_optimizer(model, cfg)
+    _, loss = model(tokens((2, 16), 50257, 5), tokens((2, 16), 50257, 6))
+    loss.backward()
+    opt.step()
+    return cfg, opt
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_model(seed=0)
+    cfg, opt = trained_a_step(model)
+    path = save_checkpoint(tmp_path / "ckpt.pt", model, opt, step=7, best_val_loss=1.25, train_config=cfg)
+
+    other = tiny_model(seed=1)
+    other_opt = configure_optimizer(other, cfg)
+    with pytest.raises(AssertionError):
+        assert_same_weights(model, other)
+    ckpt = load_checkpoint(path, other, other_opt)
+    assert_same_weights(model, other)
+    assert other.lm_head.weight is other.transformer.wte.weight  # still tied after loading
+    assert ckpt["step"] == 7 and ckpt["best_val_loss"] == 1.25
+    assert TrainConfig(**ckpt["train_config"]) == cfg
+    saved_state, loaded_state = opt.state_dict(), other_opt.state_dict()
+    assert saved_state["param_groups"] == loaded_state["param_groups"]
+    assert len(loaded_state["state"]) == len(list(model.parameters()))
+    for i, state in saved_state["state"].items():
+        for key, value in state.items():
+            assert torch.equal(loaded_state["state"][i][key], value), (i, key)
+
+
+def test_checkpoint_restores_config_and_scaler(tmp_path):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=300, block_size=24, n_layer=3, n_head=4, n_embd=48, dropout=0.05, bias=False)
+    model = GPT(config)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1234.0)
+    path = save_checkpoint(tmp_path / "c.pt", model, scaler=scaler)
+    ckpt = load_checkpoint(path)  # no model given: built from the saved config
+    assert ckpt["gpt"].config == config
+    assert_same_weights(model, ckpt["gpt"])
+    restored = torch.amp.GradScaler("cpu")
+    load_checkpoint(path, GPT(config), scaler=restored)
+    assert restored.get_scale() == 1234.0
+
+
+def test_checkpoint_of_a_wrapped_model_has_plain_keys(tmp_path):
+    model = tiny_model()
+    wrapped = FakeCompiled(model)
+    assert all(k.startswith("_orig_mod.") for k in wrapped.state_dict())  # what a naive save would write
+    path = save_checkpoint(tmp_path / "w.pt", wrapped)
+    saved_keys = set(load_checkpoint(path)["model"])
+    assert saved_keys == set(model.state_dict())
+    assert not any("_orig_mod" in k for k in saved_keys)
+    fresh = load_model(path)  # loads into a plain GPT without complaint
+    assert_same_weights(model, fresh)
+
+
+def test_load_model_returns_an_eval_mode_gpt(tmp_path):
+    model = tiny_model(dropout=0.1).train()
+    path = save_checkpoint(tmp_path / "m.pt", model)
+    loaded = load_model(path)
+    assert isinstance(loaded, GPT) and not loaded.training
+    assert_same_weights(model, loaded)
+
+
+# ---- presets ---------------------------------------------------------------------------------
+
+
+def test_preset_names():
+    assert set(PRESETS) == {"seed", "t4", "cpu", "smoke"}
+    for name in PRESETS:
+        model_cfg, train_cfg = preset(name)
+        assert isinstance(model_cfg, GPTConfig) and isinstance(train_cfg, TrainConfig)
+        assert train_cfg.block_size <= model_cfg.block_size
+
+
+def test_seed_preset_is_the_blog_recipe_fixed():
+    m, t = preset("seed")
+    assert (m.n_layer, m.n_head, m.n_embd, m.block_size) == (6, 6, 384, 128)
+    assert m.vocab_size == 50257 and m.bias and m.dropout == 0.1
+    assert (t.batch_size, t.grad_accum_steps, t.block_size) == (32, 32, 128)
+    assert t.learning_rate == 1e-4 and t.min_lr < t.learning_rate
+    assert 0 < t.warmup_steps < t.max_steps == 625
+    assert t.max_steps * t.grad_accum_steps == 20_000  # the seed's micro-batches
+    assert t.max_steps * t.tokens_per_step == 625 * 32 * 32 * 128
+    assert round(t.max_steps * t.tokens_per_step / 1e6) == 82  # "about 82M tokens"
+    assert (t.weight_decay, t.grad_clip) == (0.1, 0.5)
+    lrs = [get_lr(s, t) for s in range(t.max_steps)]
+    assert max(lrs) == pytest.approx(1e-4) and lrs[-1] == pytest.approx(t.min_lr)  # decays, never climbs
+
+
+def test_preset_overrides():
+    m, t = preset("smoke", n_layer=3, max_steps=5, out_dir="elsewhere", block_size=16)
+    assert m.n_layer == 3 and t.max_steps == 5 and t.out_dir == "elsewhere"
+    assert m.block_size == t.block_size == 16  # one window length for both
+    base_m, base_t = preset("smoke")
+    assert dataclasses.replace(m, n_layer=base_m.n_layer, block_size=base_m.block_size) == base_m
+    with pytest.raises(ConfigError, match="min_lr"):
+        preset("seed", min_lr=1.0)  # overrides are validated like any config
+
+
+def test_unknown_preset_lists_the_names():
+    with pytest.raises(ConfigError) as info:
+        preset("gpt5")
+    for name in ("seed", "t4", "cpu", "smoke"):
+        assert name in str(info.value)
+
+
+def test_unknown_override_is_rejected():
+    with pytest.raises(ConfigError, match="learning_rte"):
+        preset("smoke", learning_rte=1e-3)
+
+
+# ---- a real (tiny) run --------------------------------------------------------------------
+
+
+def test_smoke_training_lowers_val_loss(shakespeare_dir, tmp_path):
+    model_cfg, cfg = preset("smoke", out_dir=str(tmp_path))
+    torch.manual_seed(0)
+    model = GPT(model_cfg)
+    eval_x, eval_y = get_eval_windows(shakespeare_dir, cfg.block_size, cfg.eval_tokens)
+    init_loss = estimate_loss(model, eval_x, eval_y, cfg.eval_batch_size)
+    assert abs(init_loss - math.log(50257)) < 0.3
+    calls = []
+    history = train(model, shakespeare_dir, cfg, callback=lambda step, h: calls.append(step))
+
+    steps = cfg.max_steps
+    assert history["step"] == list(range(1, steps + 1)) == calls
+    for key in ("tokens", "lr", "train_loss", "elapsed"):
+        assert len(history[key]) == steps, key
+    assert history["tokens"] == [s * cfg.tokens_per_step for s in history["step"]]
+    assert history["lr"] == [pytest.approx(get_lr(s, cfg)) for s in range(steps)]
+    evals = [s for s in range(1, steps + 1) if s % cfg.eval_interval == 0 or s == steps]
+    assert history["val_step"] == evals
+    assert len(history["val_loss"]) == len(history["val_tokens"]) == len(evals)
+    assert history["tokens_per_s"] > 0 and history["train_time_s"] > 0
+    assert all(math.isfinite(v) for v in history["train_loss"] + history["val_loss"])
+
+    assert history["val_loss"][-1] < history["val_loss"][0]
+    assert history["val_loss"][-1] < init_loss - 0.2  # a dozen steps: a clear, if small, drop
+    assert history["train_loss"][-1] < history["train_loss"][0]
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
+    assert history["best_val_loss"] == min(history["val_loss"])
+    best = load_model(tmp_path / "best.pt")
+    assert estimate_loss(best, eval_x, eval_y, cfg.eval_batch_size) == pytest.approx(history["best_val_loss"],
+                                                                                      rel=1e-5)
+
+
+# ---- plotting ---------------------------------------------------------------------------------
+
+
+def fake_history():
+    steps = list(range(1, 11))
+    return {"step": steps, "tokens": [s * 256 for s in steps], "lr": [1e-3 * s / 10 for s in steps],
+            "train_loss": [10.0 - 0.5 * s for s in steps], "val_step": [5, 10],
+            "val_tokens": [1280, 2560], "val_loss": [7.9, 5.2]}
+
+
+def horizontal_lines_at(fig: Figure, y: float) -> int:
+    return sum(1 for ax in fig.axes for line in ax.get_lines()
+               if len(line.get_ydata()) == 2 and all(v == y for v in line.get_ydata()))
+
+
+def test_plot_history_returns_a_figure_with_reference_line():
+    fig = slm_utils.plot_history(fake_history(), reference=1.72)
+    try:
+        assert isinstance(fig, Figure)
+        assert len(fig.axes) == 2  # losses, learning rate
+        assert horizontal_lines_at(fig, 1.72) == 1
+        labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+        assert any("1.72" in label for label in labels)
+    finally:
+        plt.close(fig)
+    fig = slm_utils.plot_history(fake_history())
+    try:
+        assert horizontal_lines_at(fig, 1.72) == 0
+    finally:
+        plt.close(fig)
