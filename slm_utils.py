@@ -186,9 +186,11 @@ def markdown_play_to_script(markdown: str) -> str:
         if heading:
             level, text = len(heading.group(1)), heading.group(2)
             line = text.upper() if level == 1 else text
-        line = re.sub(r"\*\*(.+?)\*\*", r"\1", line)
-        line = re.sub(r"(?<![\w\\])_(.+?)_(?!\w)", r"\1", line)
-        line = re.sub(r"\\([\\`*_{}\[\]()#+\-.!])", r"\1", line)
+        # protect escaped characters, drop emphasis markers (_x_, *x*, **x**, also when a stage
+        # direction wraps over lines), then restore the escaped characters as plain text
+        line = re.sub(r"\\([\\`*_{}\[\]()#+\-.!])", lambda m: f"\x00{ord(m.group(1))}\x01", line)
+        line = re.sub(r"(?<!\w)[_*]+|[_*]+(?!\w)", "", line)
+        line = re.sub(r"\x00(\d+)\x01", lambda m: chr(int(m.group(1))), line)
         out.append(line)
     return "\n".join(out).strip() + "\n"
 
@@ -210,7 +212,7 @@ def _read_utf8(path: Path) -> str:
     # Choice: refuse rather than silently replace bytes. A wrongly encoded file would otherwise
     # teach the model U+FFFD characters; the error names the file so the fix is one command.
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes().decode("utf-8")  # bytes first: keep \r\n as written, like the movies path
     except UnicodeDecodeError as e:
         raise DataError(
             f"{path} is not valid UTF-8 (byte {e.start}: {e.reason}). "
@@ -567,7 +569,7 @@ def get_eval_windows(data_dir, block_size: int, num_tokens: int, split: str = "v
     n_windows = num_tokens // block_size
     if n_windows < 1:
         raise ConfigError(f"eval_tokens={num_tokens} is less than one window of block_size={block_size}.")
-    if n_windows * block_size > len(data) - 1:
+    if num_tokens > len(data) - 1:
         raise DataError(
             f"eval_tokens={num_tokens:,} asks for more than the {split} split holds ({len(data):,} tokens). "
             f"Fix: lower eval_tokens to at most {len(data) - 1:,}."
@@ -1401,13 +1403,13 @@ def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
         model = GPTConfig(block_size=128, n_layer=6, n_head=6, n_embd=384, dropout=0.1, bias=True)
         train_cfg = TrainConfig(learning_rate=1e-4, min_lr=1e-5, warmup_steps=31, max_steps=625,
                                 batch_size=32, block_size=128, grad_accum_steps=32, weight_decay=0.1,
-                                grad_clip=0.5, eval_interval=25, eval_tokens=262_144, patience=1000)
+                                grad_clip=0.5, eval_interval=25, eval_tokens=131_072, patience=1000)
     elif name == "t4":
         model = GPTConfig(block_size=128, n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=True,
                           pad_vocab_multiple=64)
         train_cfg = TrainConfig(learning_rate=8e-4, min_lr=8e-5, warmup_steps=200, max_steps=5000,
                                 batch_size=64, block_size=128, grad_accum_steps=2, weight_decay=0.1,
-                                grad_clip=1.0, eval_interval=250, eval_tokens=262_144, patience=1000)
+                                grad_clip=1.0, eval_interval=250, eval_tokens=131_072, patience=1000)
     elif name == "cpu":
         model = GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True)
         train_cfg = TrainConfig(learning_rate=2e-3, min_lr=2e-4, warmup_steps=40, max_steps=800,
