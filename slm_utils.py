@@ -85,7 +85,14 @@ class CheckpointError(SLMError, RuntimeError):
 
 
 class TrainingDivergedError(SLMError, RuntimeError):
-    """Training produced non-finite losses or gradients too many steps in a row."""
+    """Training produced non-finite losses or gradients too many steps in a row.
+
+    ``history`` holds the run's history up to the failure, for plotting what went wrong.
+    """
+
+    def __init__(self, message: str, history: dict | None = None):
+        super().__init__(message)
+        self.history = history
 
 
 # =====================================================================================
@@ -748,7 +755,7 @@ def check_sampling_args(vocab_size: int, max_new_tokens: int, temperature: float
     """Raise ``ConfigError`` for settings that have no meaning."""
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 0.")
-    if temperature < 0:
+    if not temperature >= 0:  # also catches NaN
         raise ConfigError(f"temperature={temperature} must be >= 0 (0 means greedy).")
     if top_k is not None and not 1 <= top_k <= vocab_size:
         raise ConfigError(f"top_k={top_k} must be between 1 and the vocabulary size {vocab_size}, or None.")
@@ -1157,8 +1164,9 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scaler=None, *, step
 
 
 def _config_mismatch(saved: dict, current: dict) -> list[str]:
+    # dropout changes no tensor shape: loading trained weights into a dropout-free model is fine
     return [f"{k}: checkpoint {saved.get(k)!r} vs {current.get(k)!r}"
-            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+            for k in sorted(set(saved) | set(current)) if k != "dropout" and saved.get(k) != current.get(k)]
 
 
 def load_checkpoint(path, model: nn.Module | None = None, optimizer=None, scaler=None, *,
@@ -1329,10 +1337,11 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
                 bad_in_a_row += 1
                 history["bad_steps"] += 1
                 if bad_in_a_row >= cfg.max_bad_steps:
+                    history["stopped"] = f"diverged at step {step}"
                     raise TrainingDivergedError(
                         f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (at step "
                         f"{step}). Training stopped; {best_path} is untouched. Fix: lower learning_rate, "
-                        "raise warmup_steps, or use dtype='float32' / 'bfloat16'.")
+                        "raise warmup_steps, or use dtype='float32' / 'bfloat16'.", history=history)
                 continue
             bad_in_a_row = 0
             scale_before = scaler.get_scale() if scaler.is_enabled() else None
