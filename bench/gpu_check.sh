@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The GPU check: under 8 minutes on one CUDA GPU; every figure lands as JSON in OUTDIR.
+#
+#   bash bench/gpu_check.sh OUTDIR
+#
+# 1. Training throughput at the seed's shape (6/6/384, vocab 50,257, block 128) with the "t4"
+#    preset's micro-batch (64 x 128 tokens): the plain reference, slm_utils with its GPU defaults, each
+#    lever switched off in turn (padded vocabulary, fused AdamW, pinned loads), and the fp16 (+
+#    GradScaler) and bf16 paths with torch.compile off and on. Also the evaluation share of
+#    compute and the derived T4 estimate. -> OUTDIR/train.json (+ summary.json, summary.md)
+# 2. A timed run to a target val loss: prepare the embedded Shakespeare corpus, train the "t4"
+#    preset for at most 400 steps, stop once the val loss on fixed windows reaches the bigram
+#    baseline (see bench/time_to_loss.py for why that target). -> OUTDIR/time_to_loss.json
+# 3. The headline figures of both in one file. -> OUTDIR/gpu_check.json
+#
+# SLM_GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU with a tiny model and a few steps, to
+# check the plumbing on a machine without a GPU; its figures mean nothing.
+set -euo pipefail
+OUT="${1:?usage: bash bench/gpu_check.sh OUTDIR}"
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PY="${PYTHON:-python}"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+start=$SECONDS
+
+if [ "${SLM_GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
+  echo "DRY RUN on the CPU: checks the script, measures nothing worth keeping" >&2
+  TRAIN_ARGS=(--device cpu --quick --shape tiny --batch-size 4 --warmup 1 --steps 2
+              --levers --skip-compile --grid-dtypes bfloat16 --grid-compile off)
+  TTL_ARGS=(--device cpu --shape tiny --max-steps 6 --batch-size 4 --eval-interval 2 --eval-tokens 256)
+else
+  "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: bench/gpu_check.sh needs a GPU')"
+  nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,power.limit,clocks.max.sm \
+    --format=csv > "$OUT/nvidia-smi.csv" 2>&1 || true
+  TRAIN_ARGS=(--device cuda --warmup 3 --steps 6
+              --grid-dtypes float16,bfloat16 --grid-compile off,on)
+  TTL_ARGS=(--device cuda --max-steps 400 --eval-interval 20)
+fi
+
+echo "== 1/2 training throughput ==" >&2
+timeout 300 "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}" 2>&1 | tee "$OUT/train.log"
+
+echo "== 2/2 time to target val loss ==" >&2
+timeout 120 "$PY" bench/time_to_loss.py --out "$OUT/time_to_loss.json" "${TTL_ARGS[@]}" 2>&1 | tee "$OUT/time_to_loss.log"
+
+"$PY" - "$OUT" "$((SECONDS - start))" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out, seconds = Path(sys.argv[1]), int(sys.argv[2])
+train = json.loads((out / "train.json").read_text())
+ttl = json.loads((out / "time_to_loss.json").read_text())
+summary = {
+    "device": train["machine"]["device"],
+    "date": train["machine"]["date"],
+    "check_seconds": seconds,
+    "batch": f"{train['settings']['batch_size']} x {train['settings']['block_size']}",
+    "peak": train["peak"],
+    "throughput_tokens_per_s": {r["name"]: round(r["tokens_per_s"]) for r in train["rows"]},
+    "mfu": {r["name"]: round(r["mfu"], 4) for r in train["rows"]},
+    "t4_estimate": train.get("t4_estimate"),
+    "eval_share": {k: v["fraction"] for k, v in train["eval_cost"].items() if isinstance(v, dict)},
+    "time_to_loss": {k: ttl[k] for k in ("target", "target_source", "reached", "seconds_to_target",
+                                          "time_to_target", "seconds_to_levels", "tokens_per_s", "best_val_loss")},
+}
+(out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
+print(json.dumps(summary, indent=2))
+EOF
+echo "gpu_check: done in $((SECONDS - start)) s; JSON in $OUT" >&2
