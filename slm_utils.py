@@ -232,10 +232,14 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
+def _script_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SCRIPT_SUFFIXES)
+
+
 def folder_documents(folder: str | os.PathLike) -> list[Document]:
     """Every ``.txt`` / ``.fountain`` / ``.md`` file under ``folder``, one document each."""
     root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SCRIPT_SUFFIXES)
+    files = _script_files(root)
     if not files:
         raise DataError(
             f"No script files in {root}: expected files ending in {', '.join(SCRIPT_SUFFIXES)}. "
@@ -313,7 +317,7 @@ def split_documents(docs: Sequence[Document], val_fraction: float, seed: int):
 
 def _folder_fingerprint(folder: Path) -> str:
     h = hashlib.sha256()
-    for p in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SCRIPT_SUFFIXES):
+    for p in _script_files(folder):
         st = p.stat()
         h.update(f"{p.relative_to(folder)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
@@ -342,6 +346,17 @@ def _describe_source(source, data_dir: Path) -> tuple[str, str, str]:
         f"Unknown source {str(source)!r}: not 'movies', 'shakespeare' or 'auto', and not an existing "
         f"folder. Fix: use one of {', '.join(SOURCES)}."
     )
+
+
+def ensure_writable(folder: Path, what: str):
+    """Create ``folder`` and prove a file can be written there, before any long work starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"Cannot write {what} ({e.strerror or e}). Fix: choose a folder you can write to.") from None
 
 
 def _encode_document(enc, doc: Document) -> np.ndarray:
@@ -480,13 +495,7 @@ def prepare_data(source="auto", data_dir="data", *, num_workers: int | None = No
                 "Fix: add more scripts (at least 2), or change val_fraction."
             )
 
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        probe = data_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"Cannot write to data_dir {data_dir} ({e.strerror}). Fix: choose a writable folder.") from None
+    ensure_writable(data_dir, f"to data_dir {data_dir}")
 
     enc = get_tokenizer()
     tmp = {name: data_dir / f"{name}.tmp" for name in ("train.bin", "val.bin", "meta.json")}
@@ -1240,17 +1249,6 @@ def load_model(path, device="cpu") -> GPT:
 # ---- the training loop ----------------------------------------------------------------
 
 
-def _check_writable(out_dir: Path):
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"Cannot write checkpoints to out_dir={str(out_dir)!r} ({e.strerror or e}). "
-                          "Fix: choose a folder you can write to.") from None
-
-
 def _new_history() -> dict:
     return {"step": [], "tokens": [], "lr": [], "train_loss": [], "elapsed": [],
             "val_step": [], "val_tokens": [], "val_loss": [],
@@ -1285,7 +1283,7 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
         raise ConfigError(f"batch_size={cfg.batch_size} is more than the {n_train - cfg.block_size:,} distinct "
                           "windows the train split allows. Fix: lower batch_size or block_size.")
     out_dir = Path(cfg.out_dir)
-    _check_writable(out_dir)
+    ensure_writable(out_dir, f"checkpoints to out_dir={str(out_dir)!r}")
 
     device = _resolve_device(cfg.device)
     dtype = _resolve_dtype(cfg, device)
