@@ -1293,7 +1293,8 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     raw.to(device)
     optimizer = configure_optimizer(raw, cfg, device.type)
-    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16 and device.type == "cuda"))
+    # fp16's narrow range needs loss scaling (and skips steps whose scaled gradients overflow)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     eval_x, eval_y = get_eval_windows(data_dir, cfg.block_size, cfg.eval_tokens)
 
     history, step, best_val, evals_since_best = _new_history(), 0, float("inf"), 0

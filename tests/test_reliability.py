@@ -482,6 +482,24 @@ def guard_cfg(out_dir, **overrides) -> s.TrainConfig:
     return s.TrainConfig(**{**base, **overrides}, out_dir=str(out_dir))
 
 
+def test_fp16_overflow_steps_are_skipped_by_the_scaler_and_counted(shakespeare_dir, tmp_path):
+    """float16 with GradScaler (here on the CPU): an inf gradient makes the scaler skip the update,
+    halve its scale and go on; the skip is counted and no weight moves."""
+    model = fresh_model()
+    bad_calls = {2, 4}
+    state = inject_bad_steps(model, bad_calls, "inf_grad")
+    history = s.train(model, shakespeare_dir, guard_cfg(tmp_path / "out", dtype="float16"))
+    assert history["step"] == [1, 2, 3, 4, 5, 6]
+    assert state["calls"] == 6  # the scaler skips inside the step: no retry on a fresh batch
+    assert history["skipped_steps"] >= len(bad_calls)  # ours, plus any genuine fp16 overflow
+    assert history["bad_steps"] == 0  # the loss itself stayed finite
+    assert state["unchanged_after_bad"] == [True] * len(bad_calls)
+    assert all(np.isfinite(history["train_loss"])) and all(np.isfinite(history["val_loss"]))
+    assert_all_finite(model)
+    scaler_state = s.load_checkpoint(tmp_path / "out" / "last.pt")["scaler"]
+    assert scaler_state["scale"] < 65536.0  # the scale came down after the overflows
+
+
 @pytest.mark.parametrize("kind", ["nan_loss", "inf_loss", "inf_grad"])
 def test_isolated_bad_steps_are_skipped_and_counted(kind, shakespeare_dir, tmp_path):
     model = fresh_model()
