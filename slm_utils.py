@@ -323,7 +323,7 @@ def _folder_fingerprint(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _describe_source(source, data_dir: Path) -> tuple[str, str, str]:
+def _describe_source(source) -> tuple[str, str, str]:
     """(kind, label for meta.json, fingerprint of the inputs) for a source, cheaply."""
     if not isinstance(source, (str, os.PathLike)):
         if hasattr(source, "column_names") or hasattr(source, "keys"):
@@ -466,7 +466,7 @@ def prepare_data(source="auto", data_dir="data", *, num_workers: int | None = No
     note = ""
     if isinstance(source, str) and source == "auto":
         source, note = _resolve_auto(data_dir)
-    kind, label, fingerprint = _describe_source(source, data_dir)
+    kind, label, fingerprint = _describe_source(source)
     settings = {"source": label, "fingerprint": fingerprint, "val_fraction": val_fraction, "seed": seed,
                 "format_version": DATA_FORMAT_VERSION}
 
