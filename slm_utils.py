@@ -48,7 +48,7 @@ import urllib.request
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -1125,8 +1125,7 @@ def _set_rng_state(state: dict, batch_gen: torch.Generator | None):
 
 def _clean_state_dict(model: nn.Module) -> dict:
     """Weights without the ``_orig_mod.`` prefix a compiled model adds, so any GPT loads them."""
-    model = getattr(model, "_orig_mod", model)
-    return {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
+    return getattr(model, "_orig_mod", model).state_dict()  # the unwrapped module has no prefix
 
 
 def _atomic_write(path: Path, data: bytes):
