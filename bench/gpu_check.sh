@@ -3,6 +3,8 @@
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
+# 0. The GPU code paths' unit tests (tests/test_cuda.py: fp16 + GradScaler, bf16 + compile, pinned
+#    loads, fused AdamW, KV cache, padded vocabulary on the device). -> OUTDIR/test_cuda.log
 # 1. Training throughput at the seed's shape (6/6/384, vocab 50,257, block 128) with the "t4"
 #    preset's micro-batch (64 x 128 tokens): the plain reference, slm_utils with its GPU defaults, each
 #    lever switched off in turn (padded vocabulary, fused AdamW, pinned loads), and the fp16 (+
@@ -13,6 +15,9 @@
 #    baseline (see bench/time_to_loss.py for why that target). -> OUTDIR/time_to_loss.json
 # 3. The headline figures of both in one file. -> OUTDIR/gpu_check.json
 #
+# A step that fails or runs out of time is reported and the others still run; the exit status
+# is non-zero if any step failed.
+#
 # SLM_GPU_CHECK_DRY_RUN=1 runs the same steps on the CPU with a tiny model and a few steps, to
 # check the plumbing on a machine without a GPU; its figures mean nothing.
 set -euo pipefail
@@ -20,7 +25,7 @@ OUT="${1:?usage: bash bench/gpu_check.sh OUTDIR}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 start=$SECONDS
 
@@ -38,33 +43,61 @@ else
   TTL_ARGS=(--device cuda --max-steps 400 --eval-interval 20)
 fi
 
-echo "== 1/2 training throughput ==" >&2
-timeout 300 "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}" 2>&1 | tee "$OUT/train.log"
+failed=()
+step() {  # step NAME SECONDS LOG COMMAND...: run it under a time limit, log it, note a failure
+  local name=$1 limit=$2 log=$3
+  shift 3
+  echo "== $name (at most ${limit} s) ==" >&2
+  local rc
+  timeout "$limit" "$@" 2>&1 | tee "$log" && rc=0 || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    echo "!! $name failed or ran out of time; see $log" >&2
+    failed+=("$name")
+  fi
+}
 
-echo "== 2/2 time to target val loss ==" >&2
-timeout 120 "$PY" bench/time_to_loss.py --out "$OUT/time_to_loss.json" "${TTL_ARGS[@]}" 2>&1 | tee "$OUT/time_to_loss.log"
+# in a dry run the GPU tests only report themselves skipped
+step "GPU unit tests" 100 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step "training throughput" 270 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
+step "time to target val loss" 100 "$OUT/time_to_loss.log" "$PY" bench/time_to_loss.py --out "$OUT/time_to_loss.json" "${TTL_ARGS[@]}"
 
-"$PY" - "$OUT" "$((SECONDS - start))" <<'EOF'
+"$PY" - "$OUT" "$((SECONDS - start))" "${failed[*]:-}" <<'EOF'
 import json, sys
 from pathlib import Path
 
-out, seconds = Path(sys.argv[1]), int(sys.argv[2])
-train = json.loads((out / "train.json").read_text())
-ttl = json.loads((out / "time_to_loss.json").read_text())
-summary = {
-    "device": train["machine"]["device"],
-    "date": train["machine"]["date"],
-    "check_seconds": seconds,
-    "batch": f"{train['settings']['batch_size']} x {train['settings']['block_size']}",
-    "peak": train["peak"],
-    "throughput_tokens_per_s": {r["name"]: round(r["tokens_per_s"]) for r in train["rows"]},
-    "mfu": {r["name"]: round(r["mfu"], 4) for r in train["rows"]},
-    "t4_estimate": train.get("t4_estimate"),
-    "eval_share": {k: v["fraction"] for k, v in train["eval_cost"].items() if isinstance(v, dict)},
-    "time_to_loss": {k: ttl[k] for k in ("target", "target_source", "reached", "seconds_to_target",
-                                          "time_to_target", "seconds_to_levels", "tokens_per_s", "best_val_loss")},
-}
+out, seconds, failed = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+
+
+def load(name):
+    path = out / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+log = out / "test_cuda.log"
+tests = log.read_text().strip().splitlines() if log.is_file() else []
+summary = {"check_seconds": seconds, "failed_steps": failed or None, "gpu_tests": tests[-1] if tests else None}
+train = load("train.json")
+if train:
+    summary.update({
+        "device": train["machine"]["device"],
+        "date": train["machine"]["date"],
+        "batch": f"{train['settings']['batch_size']} x {train['settings']['block_size']}",
+        "peak": train["peak"],
+        "throughput_tokens_per_s": {r["name"]: round(r["tokens_per_s"]) for r in train["rows"]},
+        "mfu": {r["name"]: round(r["mfu"], 4) for r in train["rows"]},
+        "t4_estimate": train.get("t4_estimate"),
+        "eval_share": {k: v["fraction"] for k, v in train["eval_cost"].items() if isinstance(v, dict)},
+    })
+ttl = load("time_to_loss.json")
+if ttl:
+    summary["time_to_loss"] = {k: ttl[k] for k in ("target", "target_source", "reached", "seconds_to_target",
+                                                   "time_to_target", "seconds_to_levels", "tokens_per_s",
+                                                   "best_val_loss")}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary, indent=2))
 EOF
 echo "gpu_check: done in $((SECONDS - start)) s; JSON in $OUT" >&2
+if [ "${#failed[@]}" -gt 0 ]; then
+  echo "gpu_check: these steps failed: ${failed[*]}" >&2
+  exit 1
+fi

@@ -1,0 +1,120 @@
+"""The GPU code paths, run only where CUDA is present (skipped on CPU-only machines and in CI).
+
+What differs on a GPU and is therefore checked here: the autocast dtype chosen from the real
+device, fp16 training with GradScaler, bf16 with torch.compile, pinned non-blocking batch loads,
+fused AdamW, the KV cache on device memory, and a checkpoint written from the GPU loading on
+the CPU. ``bash bench/gpu_check.sh`` runs this file first.
+"""
+
+import math
+
+import pytest
+import torch
+
+import slm_utils as s
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def smoke(tmp_path, **overrides):
+    model_cfg, cfg = s.preset("smoke", device="cuda", out_dir=str(tmp_path), **overrides)
+    torch.manual_seed(0)
+    return s.GPT(model_cfg), cfg
+
+
+def learned(history) -> bool:
+    """The smoke run's last val loss is clearly below the uniform guess it starts from."""
+    return history["val_loss"][-1] < math.log(50257) - 0.3
+
+
+def test_autocast_dtype_follows_the_real_device():
+    expected = torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
+    assert s.choose_amp_dtype("cuda") == expected
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mixed_precision_training_on_cuda_learns(dtype, shakespeare_dir, tmp_path):
+    model, cfg = smoke(tmp_path, dtype=dtype)
+    history = s.train(model, shakespeare_dir, cfg)
+    assert next(model.parameters()).device.type == "cuda"
+    assert all(math.isfinite(v) for v in history["train_loss"] + history["val_loss"])
+    assert learned(history)
+    # fp16 trains through GradScaler: its state is saved; bf16 needs none
+    ckpt = s.load_checkpoint(tmp_path / "last.pt")
+    if dtype == "float16":
+        assert ckpt["scaler"] and ckpt["scaler"]["scale"] > 0
+        assert history["skipped_steps"] <= 2  # an overflow or two at the first scale, not more
+    else:
+        assert not ckpt["scaler"]
+    assert history["bad_steps"] == 0
+
+
+def test_compiled_bf16_training_on_cuda_learns_and_saves_plain_keys(shakespeare_dir, tmp_path):
+    model, cfg = smoke(tmp_path, dtype="bfloat16", compile=True)
+    history = s.train(model, shakespeare_dir, cfg)
+    assert learned(history)
+    restored = s.load_model(tmp_path / "last.pt")  # onto the CPU, from a compiled GPU run
+    assert not any(k.startswith("_orig_mod.") for k in restored.state_dict())
+    x, y = s.get_eval_windows(shakespeare_dir, cfg.block_size, cfg.eval_tokens)
+    on_cpu = s.estimate_loss(restored, x, y, cfg.eval_batch_size)
+    assert on_cpu == pytest.approx(history["val_loss"][-1], abs=0.05)  # bf16 on the GPU vs fp32 here
+
+
+def test_pinned_batches_on_cuda_equal_the_cpu_ones(shakespeare_dir):
+    a = s.get_batch(shakespeare_dir, "train", 8, 32, "cuda", torch.Generator().manual_seed(3))
+    b = s.get_batch(shakespeare_dir, "train", 8, 32, "cpu", torch.Generator().manual_seed(3))
+    assert a[0].device.type == "cuda" and a[0].dtype == torch.int64
+    assert torch.equal(a[0].cpu(), b[0]) and torch.equal(a[1].cpu(), b[1])
+
+
+def test_fused_adamw_on_cuda_matches_the_plain_one():
+    torch.manual_seed(0)
+    cfg = s.GPTConfig(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    models = [s.GPT(cfg).cuda() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    tcfg = s.TrainConfig(batch_size=4, block_size=16, max_steps=10, warmup_steps=2)
+    opts = [s.configure_optimizer(models[0], tcfg, "cuda"), s.configure_optimizer(models[1], tcfg, "cpu")]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    x = torch.randint(0, 256, (4, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    for model, opt in zip(models, opts):
+        for _ in range(3):
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_cache_equals_no_cache_on_cuda():
+    torch.manual_seed(0)
+    model = s.GPT(s.GPTConfig(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.5)  # varied greedy continuations, as in test_model.py
+    model = model.cuda().eval()
+    prompt = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(13)).cuda()
+    cached = model.generate(prompt, 60, temperature=0, use_kv_cache=True)
+    uncached = model.generate(prompt, 60, temperature=0, use_kv_cache=False)
+    assert cached.device.type == "cuda" and cached.shape == (2, 65)
+    assert torch.equal(cached, uncached)
+    assert all(len(set(row.tolist())) >= 5 for row in cached[:, 5:])
+
+
+def test_padded_vocab_logits_equal_the_unpadded_ones_on_cuda():
+    torch.manual_seed(0)
+    plain = s.GPT(s.GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).cuda().eval()
+    padded = s.GPT(s.GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
+                               pad_vocab_multiple=64)).cuda().eval()
+    with torch.no_grad():
+        theirs = dict(padded.named_parameters())
+        for name, p in plain.named_parameters():
+            theirs[name][: p.size(0)].copy_(p)
+    x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(9)).cuda()
+    with torch.no_grad():
+        a, loss_a = plain(x, x)
+        b, loss_b = padded(x, x)
+    assert b.shape == a.shape == (2, 16, 50257)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(loss_a, loss_b)
