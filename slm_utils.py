@@ -579,8 +579,8 @@ def get_batch(data_dir, split: str, batch_size: int, block_size: int, device="cp
         raise ConfigError(f"batch_size={batch_size} must be at least 1.")
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     rows = data[ix[:, None] + np.arange(block_size + 1)]  # (B, T+1), one fancy-index read
-    xy = torch.from_numpy(rows.astype(np.int64))
-    return _to_device(xy[:, :-1], device), _to_device(xy[:, 1:], device)
+    xy = _to_device(torch.from_numpy(rows.astype(np.int64)), device)  # one contiguous copy, not two strided ones
+    return xy[:, :-1], xy[:, 1:]  # views of the same (B, T+1) block
 
 
 def get_eval_windows(data_dir, block_size: int, num_tokens: int, split: str = "val") -> tuple[torch.Tensor, torch.Tensor]:
@@ -1128,12 +1128,17 @@ def _clean_state_dict(model: nn.Module) -> dict:
     return getattr(model, "_orig_mod", model).state_dict()  # the unwrapped module has no prefix
 
 
-def _atomic_write(path: Path, data: bytes):
-    """Temp file, fsync, rename, fsync the folder: a crash leaves the old file or the new one."""
+def _atomic_write(path: Path, *chunks):
+    """Temp file, fsync, rename, fsync the folder: a crash leaves the old file or the new one.
+
+    ``chunks`` (bytes or memoryviews) are written one after another, so a large payload is
+    never joined into one more copy in memory.
+    """
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1151,11 +1156,14 @@ def _atomic_write(path: Path, data: bytes):
 def save_checkpoint(path, model: nn.Module, optimizer=None, scaler=None, *, step: int = 0,
                     best_val_loss: float = float("inf"), train_config: TrainConfig | None = None,
                     history: dict | None = None, batch_generator: torch.Generator | None = None,
-                    data_meta: dict | None = None, extra: dict | None = None) -> Path:
+                    data_meta: dict | None = None, extra: dict | None = None, copies: Sequence = ()) -> Path:
     """Save everything needed to resume exactly, atomically, with a checksum.
 
     File layout: 8 magic bytes, the sha256 of the payload, then the ``torch.save`` payload.
     The checksum turns silent corruption into a clear ``CheckpointError`` on load.
+    ``copies``: more paths that get the same bytes, serialized and hashed only once (train()
+    writes ``best.pt`` and ``last.pt`` this way when the val loss improves). Each file is
+    written whole and atomically, in order, ``path`` last.
     """
     raw = getattr(model, "_orig_mod", model)
     payload = {
@@ -1174,10 +1182,12 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scaler=None, *, step
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
-    body = buf.getvalue()
+    body = buf.getbuffer()  # a view, not a copy: the payload can be hundreds of MB
+    digest = hashlib.sha256(body).digest()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, _CKPT_MAGIC + hashlib.sha256(body).digest() + body)
+    for target in [*map(Path, copies), path]:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(target, _CKPT_MAGIC, digest, body)
     return path
 
 
@@ -1312,10 +1322,10 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
         log.info("resume=True but no %s yet: starting from scratch.", last_path)
     fwd = torch.compile(raw) if cfg.compile else raw
 
-    def checkpoint(path: Path):
+    def checkpoint(path: Path, copies=()):
         save_checkpoint(path, raw, optimizer, scaler, step=step, best_val_loss=best_val, train_config=cfg,
                         history=history, batch_generator=batch_gen, data_meta=meta,
-                        extra={"evals_since_best": evals_since_best})
+                        extra={"evals_since_best": evals_since_best}, copies=copies)
 
     bad_in_a_row = 0
     t_start, time_before = time.perf_counter(), history["train_time_s"]
@@ -1380,10 +1390,10 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
                 if val_loss < best_val:
                     best_val, evals_since_best = val_loss, 0
                     history["best_val_loss"], history["best_step"] = val_loss, step
-                    checkpoint(best_path)
                 else:
                     evals_since_best += 1
-                checkpoint(last_path)
+                # on improvement best.pt gets the same bytes as last.pt, from one serialization
+                checkpoint(last_path, copies=[best_path] if evals_since_best == 0 else [])
                 bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{lr:.2e}",
                                 tok_s=f"{history['tokens_per_s']:,.0f}")
                 if evals_since_best >= cfg.patience:

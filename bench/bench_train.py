@@ -104,14 +104,15 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 def _plain_loader(data_dir, batch_size, block_size, device, generator):
-    """The same windows slm_utils.get_batch draws, copied with a plain ``.to(device)`` (no pinning)."""
+    """The same windows slm_utils.get_batch draws, in the same one (B, T+1) copy, but a plain
+    ``.to(device)`` from pageable memory: the "pinned loads off" lever changes only the pinning."""
     path = Path(data_dir) / "train.bin"
 
     def load():
         data = np.memmap(path, dtype=np.uint16, mode="r")
         ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
-        xy = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64))
-        return xy[:, :-1].to(device), xy[:, 1:].to(device)
+        xy = torch.from_numpy(data[ix[:, None] + np.arange(block_size + 1)].astype(np.int64)).to(device)
+        return xy[:, :-1], xy[:, 1:]
 
     return load
 

@@ -10,9 +10,10 @@
 #    lever switched off in turn (padded vocabulary, fused AdamW, pinned loads), and the fp16 (+
 #    GradScaler) and bf16 paths with torch.compile off and on. Also the evaluation share of
 #    compute and the derived T4 estimate. -> OUTDIR/train.json (+ summary.json, summary.md)
-# 2. A timed run to a target val loss: prepare the embedded Shakespeare corpus, train the "t4"
+# 2. Timed runs to a target val loss: prepare the embedded Shakespeare corpus, train the "t4"
 #    preset for at most 400 steps, stop once the val loss on fixed windows reaches the bigram
-#    baseline (see bench/time_to_loss.py for why that target). -> OUTDIR/time_to_loss.json
+#    baseline (see bench/time_to_loss.py for why that target); once eager, once with
+#    torch.compile (its warm-up counted). -> OUTDIR/time_to_loss.json, time_to_loss_compiled.json
 # 3. The headline figures of both in one file. -> OUTDIR/gpu_check.json
 #
 # A step that fails or runs out of time is reported and the others still run; the exit status
@@ -57,9 +58,12 @@ step() {  # step NAME SECONDS LOG COMMAND...: run it under a time limit, log it,
 }
 
 # in a dry run the GPU tests only report themselves skipped
-step "GPU unit tests" 100 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step "training throughput" 270 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
-step "time to target val loss" 100 "$OUT/time_to_loss.log" "$PY" bench/time_to_loss.py --out "$OUT/time_to_loss.json" "${TTL_ARGS[@]}"
+step "GPU unit tests" 90 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step "training throughput" 200 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
+step "time to target val loss, eager" 80 "$OUT/time_to_loss.log" \
+  "$PY" bench/time_to_loss.py --out "$OUT/time_to_loss.json" "${TTL_ARGS[@]}"
+step "time to target val loss, compiled" 90 "$OUT/time_to_loss_compiled.log" \
+  "$PY" bench/time_to_loss.py --out "$OUT/time_to_loss_compiled.json" --compile "${TTL_ARGS[@]}"
 
 "$PY" - "$OUT" "$((SECONDS - start))" "${failed[*]:-}" <<'EOF'
 import json, sys
@@ -88,11 +92,12 @@ if train:
         "t4_estimate": train.get("t4_estimate"),
         "eval_share": {k: v["fraction"] for k, v in train["eval_cost"].items() if isinstance(v, dict)},
     })
-ttl = load("time_to_loss.json")
-if ttl:
-    summary["time_to_loss"] = {k: ttl[k] for k in ("target", "target_source", "reached", "seconds_to_target",
-                                                   "time_to_target", "seconds_to_levels", "tokens_per_s",
-                                                   "best_val_loss")}
+for key, name in (("time_to_loss", "time_to_loss.json"), ("time_to_loss_compiled", "time_to_loss_compiled.json")):
+    ttl = load(name)
+    if ttl:
+        summary[key] = {k: ttl[k] for k in ("target", "target_source", "reached", "seconds_to_target",
+                                            "time_to_target", "seconds_to_levels", "tokens_per_s",
+                                            "best_val_loss", "train_config")}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary, indent=2))
 EOF

@@ -526,7 +526,8 @@ def test_too_many_bad_steps_in_a_row_stop_training(shakespeare_dir, tmp_path, mo
 
     def recording_save(path, *args, **kwargs):
         result = real_save(path, *args, **kwargs)
-        saved[Path(path).name] = (Path(path).read_bytes(), kwargs["step"])
+        for target in [path, *kwargs.get("copies", ())]:
+            saved[Path(target).name] = (Path(target).read_bytes(), kwargs["step"])
         return result
 
     monkeypatch.setattr(s, "save_checkpoint", recording_save)

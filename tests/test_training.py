@@ -246,6 +246,20 @@ def test_checkpoint_round_trip(tmp_path):
             assert torch.equal(loaded_state["state"][i][key], value), (i, key)
 
 
+def test_checkpoint_copies_get_the_same_whole_file(tmp_path):
+    model = tiny_model(seed=0)
+    cfg, opt = trained_a_step(model)
+    path = save_checkpoint(tmp_path / "last.pt", model, opt, step=3, train_config=cfg,
+                           copies=[tmp_path / "sub" / "best.pt"])
+    assert path == tmp_path / "last.pt"
+    assert (tmp_path / "sub" / "best.pt").read_bytes() == path.read_bytes()
+    for p in (path, tmp_path / "sub" / "best.pt"):
+        ckpt = load_checkpoint(p)
+        assert ckpt["step"] == 3
+        assert_same_weights(model, ckpt["gpt"])
+    assert sorted(f.name for f in tmp_path.rglob("*") if f.is_file()) == ["best.pt", "last.pt"]  # no temporaries
+
+
 def test_checkpoint_restores_config_and_scaler(tmp_path):
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=300, block_size=24, n_layer=3, n_head=4, n_embd=48, dropout=0.05, bias=False)
