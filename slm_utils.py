@@ -1023,6 +1023,26 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def scale_schedule(cfg: TrainConfig, max_steps: int) -> TrainConfig:
+    """The same recipe over ``max_steps`` optimizer steps: a shorter (or longer) run.
+
+    Warm-up keeps its share of the run, and the run evaluates as often as the full one (a
+    300-step try of the 5,000-step ``"t4"`` preset warms up for 12 steps and evaluates every
+    15). A shorter run evaluates on proportionally fewer fixed windows, so evaluation keeps its
+    share of the compute, down to 64 windows, below which the estimate gets noisy.
+    """
+    if max_steps < 1:
+        raise ConfigError(f"max_steps={max_steps} must be at least 1.")
+    ratio = max_steps / cfg.max_steps
+    warmup = min(max_steps - 1, round(cfg.warmup_steps * ratio))
+    if cfg.warmup_steps and max_steps > 1:
+        warmup = max(1, warmup)  # a recipe with a warm-up keeps one
+    fewest = min(cfg.eval_tokens, 64 * cfg.block_size)
+    eval_tokens = min(cfg.eval_tokens, max(fewest, round(cfg.eval_tokens * ratio)))
+    return dataclasses.replace(cfg, max_steps=max_steps, warmup_steps=warmup, eval_tokens=eval_tokens,
+                               eval_interval=max(1, round(cfg.eval_interval * ratio)))
+
+
 def choose_amp_dtype(device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype:
     """The autocast dtype for a device: bf16 on sm80+, fp16 (with GradScaler) below, fp32 on CPU.
 

@@ -30,6 +30,7 @@ from slm_utils import (  # noqa: E402
     load_model,
     preset,
     save_checkpoint,
+    scale_schedule,
     train,
 )
 
@@ -79,6 +80,38 @@ def test_lr_without_warmup_starts_at_peak():
     cfg = TrainConfig(learning_rate=3e-4, min_lr=3e-5, warmup_steps=0, max_steps=50)
     assert get_lr(0, cfg) == pytest.approx(3e-4)
     assert get_lr(49, cfg) == pytest.approx(3e-5)
+
+
+@pytest.mark.parametrize("steps", [300, 1234, 2500, 5000, 20000])
+def test_scale_schedule_keeps_the_shares_of_warmup_and_evaluation(steps):
+    _, full = preset("t4")
+    short = scale_schedule(full, steps)
+    assert short.max_steps == steps
+    assert short.warmup_steps / steps == pytest.approx(full.warmup_steps / full.max_steps, abs=1 / steps)
+    assert steps / short.eval_interval == pytest.approx(full.max_steps / full.eval_interval, rel=0.05)
+    # evaluation: as many times, never on more tokens, never on fewer than 64 windows
+    assert full.eval_tokens >= short.eval_tokens >= 64 * full.block_size
+    if steps <= full.max_steps and short.eval_tokens > 64 * full.block_size:  # the same share of compute
+        assert short.eval_tokens / short.eval_interval == pytest.approx(full.eval_tokens / full.eval_interval, rel=0.05)
+    # everything else is the recipe as it was
+    assert dataclasses.replace(short, max_steps=full.max_steps, warmup_steps=full.warmup_steps,
+                               eval_interval=full.eval_interval, eval_tokens=full.eval_tokens) == full
+    # the lr still peaks at the end of warm-up and ends at min_lr
+    assert get_lr(short.warmup_steps, short) == pytest.approx(full.learning_rate)
+    assert get_lr(steps - 1, short) == pytest.approx(full.min_lr)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_scale_schedule_to_a_few_steps_stays_valid(steps):
+    _, full = preset("t4")
+    short = scale_schedule(full, steps)
+    assert 0 <= short.warmup_steps < steps and short.eval_interval >= 1
+    assert (short.warmup_steps >= 1) == (steps > 1)  # a recipe with a warm-up keeps one where it can
+
+
+def test_scale_schedule_refuses_no_steps():
+    with pytest.raises(ConfigError, match="max_steps=0"):
+        scale_schedule(preset("t4")[1], 0)
 
 
 @pytest.mark.parametrize("kwargs, words", [
