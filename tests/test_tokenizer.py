@@ -233,3 +233,24 @@ def test_falls_back_to_tiktoken_when_local_files_are_modified(monkeypatch, fresh
 
 def test_tokenizer_is_cached():
     assert slm_utils.get_tokenizer() is slm_utils.get_tokenizer()
+
+
+def test_a_worker_threads_private_copy_encodes_identically(reference):
+    ref, _ = reference
+    enc = slm_utils.get_tokenizer()
+    copy = slm_utils._private_copy(enc)
+    assert copy is not enc  # its own regex engine, so worker threads do not queue for one
+    rng = random.Random(99)
+    pieces = ["Hamlet", " to be", ",", "\n\n", "  ", "é", "中", "🎉", "'s", EOT, "<|", "INT. ", "\r\n"]
+    for _ in range(200):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 40)))
+        kw = dict(allowed_special=set(), disallowed_special=())  # as _encode_document calls it
+        assert copy.encode_to_numpy(text, **kw).tolist() == ref.encode_ordinary(text), repr(text)
+
+
+def test_private_copy_falls_back_to_the_shared_encoder():
+    class NotQuiteTiktoken:  # an encoder without the internals the copy is built from
+        name, n_vocab = "gpt2", 50257
+
+    odd = NotQuiteTiktoken()
+    assert slm_utils._private_copy(odd) is odd
