@@ -379,9 +379,9 @@ def _encode_document(enc, doc: Document) -> np.ndarray:
 def _private_copy(enc):
     """The same tokenizer with its own regex engine, for one worker thread.
 
-    Copies of a ``tiktoken.Encoding`` share one regex match cache, and threads queue for it: on
-    2 cores, 2 threads on one encoder ran at 13.8 MB/s, no faster than one thread, against
-    33 MB/s with a copy each. A copy costs about 20 ms. Where tiktoken's internals differ from
+    Threads sharing one ``tiktoken.Encoding`` do not run in parallel: on 2 cores, 2 threads on
+    one encoder tokenized 13.8 MB/s, no faster than one thread, against 33 MB/s with a copy
+    each (see BENCHMARKS.md). A copy costs about 20 ms. Where tiktoken's internals differ from
     what this expects, the shared encoder is used: slower, but the tokens are the same.
     """
     import tiktoken
@@ -417,7 +417,7 @@ def _write_tokens(enc, docs: Sequence[Document], path: Path, num_workers: int, d
 
     def encode(doc: Document) -> np.ndarray:
         if not hasattr(per_thread, "enc"):
-            per_thread.enc = _private_copy(enc)  # see _private_copy: shared, threads would queue
+            per_thread.enc = _private_copy(enc)  # shared, the threads would not run in parallel
         return _encode_document(per_thread.enc, doc)
 
     n_tokens = 0
@@ -1468,7 +1468,7 @@ def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
     - ``"t4"``: the same model trained the way a 30M model wants to be: 8x the lr, 1/8 the
       batch (so 8x the optimizer steps for the same tokens), no dropout for a sub-epoch run,
       fp16 + padded vocabulary for the T4's tensor cores.
-    - ``"cpu"``: a narrow model that visibly learns in about 10 minutes on 2 CPU cores.
+    - ``"cpu"``: a narrow model that visibly learns in about 7 minutes on 2 CPU cores.
     - ``"smoke"``: a few seconds, for CI.
     """
     if name == "seed":
