@@ -1105,14 +1105,27 @@ def _resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu") -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying biases and LayerNorm gains only hurts."""
+def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu",
+                        fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: decaying biases and LayerNorm gains only hurts.
+
+    ``fused`` (default: on for "cuda" and "cpu") updates every parameter in one kernel instead of
+    a few per tensor: the optimizer step ran 3x faster on both (see BENCHMARKS.md). A PyTorch
+    without the fused kernel for the device gets the ordinary one.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps,
-                             fused=(device_type == "cuda"))
+    if fused is None:
+        fused = device_type in ("cuda", "cpu")
+    settings = dict(lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps)
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **settings)
+        except RuntimeError:  # e.g. fused AdamW on the CPU needs PyTorch 2.4 or newer
+            pass
+    return torch.optim.AdamW(groups, fused=False, **settings)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):

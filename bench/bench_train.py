@@ -67,7 +67,7 @@ def default_variants(device: torch.device, levers: bool, grid_dtypes: list[str],
     cuda = device.type == "cuda"
     auto = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[
         S.choose_amp_dtype(device.type)]
-    base = Variant("slm_utils", pad=64 if cuda else 1, fused=cuda, pinned=cuda, dtype=auto)
+    base = Variant("slm_utils", pad=64 if cuda else 1, fused=True, pinned=cuda, dtype=auto)
     out = [Variant("reference", impl="reference", dtype=auto), base]
     if levers:
         out.append(dataclasses.replace(base, name="pad 64 " + ("off" if base.pad == 64 else "on"),
@@ -136,9 +136,7 @@ class Contender:
             return
         self.model = S.GPT(cfg).to(device)
         tcfg = S.TrainConfig(batch_size=batch_size, block_size=self.block_size, max_steps=10_000, device=str(device))
-        # configure_optimizer turns fused on exactly when its device_type is "cuda"; asking with the
-        # other name gives the same parameter groups with the other implementation.
-        opt = S.configure_optimizer(self.model, tcfg, "cuda" if v.fused else "cpu")
+        opt = S.configure_optimizer(self.model, tcfg, device.type, fused=v.fused)
         if v.pinned:
             def loader():
                 return S.get_batch(data_dir, "train", batch_size, self.block_size, device, gen)

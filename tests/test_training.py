@@ -172,6 +172,35 @@ def test_optimizer_decays_only_matrices_and_holds_each_parameter_once():
     assert not any(name.endswith(("bias", "ln_1.weight", "ln_2.weight", "ln_f.weight")) for name in decayed)
 
 
+def test_fused_adamw_is_the_default_on_cpu_and_steps_like_the_plain_one():
+    models = [tiny_model(seed=0), tiny_model(seed=0)]
+    cfg = TrainConfig(batch_size=2, block_size=16, max_steps=10, warmup_steps=2, weight_decay=0.1)
+    opts = [configure_optimizer(models[0], cfg, "cpu"), configure_optimizer(models[1], cfg, "cpu", fused=False)]
+    assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
+    x = tokens((2, 16), 50257, 5)
+    for model, opt in zip(models, opts):
+        for _ in range(3):
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_optimizer_falls_back_where_there_is_no_fused_kernel(monkeypatch):
+    real = torch.optim.AdamW
+
+    def without_fused(*args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(*args, fused=fused, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", without_fused)
+    opt = configure_optimizer(tiny_model(), TrainConfig(), "cpu")
+    assert isinstance(opt, real) and not opt.defaults["fused"]
+
+
 # ---- gradient accumulation -----------------------------------------------------------------
 
 
