@@ -380,8 +380,8 @@ def _private_copy(enc):
     """The same tokenizer with its own regex engine, for one worker thread.
 
     Threads sharing one ``tiktoken.Encoding`` do not run in parallel: on 2 cores, 2 threads on
-    one encoder tokenized 13.8 MB/s, no faster than one thread, against 33 MB/s with a copy
-    each (see BENCHMARKS.md). A copy costs about 20 ms. Where tiktoken's internals differ from
+    one encoder tokenized 13.8 MB/s, slower than one thread alone (16.5 MB/s), against 33 MB/s
+    with a copy each (see BENCHMARKS.md). A copy costs about 20 ms. Where tiktoken's internals differ from
     what this expects, the shared encoder is used: slower, but the tokens are the same.
     """
     import tiktoken
