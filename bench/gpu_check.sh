@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: under 8 minutes on one CUDA GPU; every figure lands as JSON in OUTDIR.
+# The GPU check on one CUDA GPU; every figure lands as JSON in OUTDIR. Each step below has a time
+# limit, and the limits add up to 8 minutes.
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
@@ -14,7 +15,9 @@
 #    preset for at most 400 steps, stop once the val loss on fixed windows reaches the bigram
 #    baseline (see bench/time_to_loss.py for why that target); once eager, once with
 #    torch.compile (its warm-up counted). -> OUTDIR/time_to_loss.json, time_to_loss_compiled.json
-# 3. The headline figures of both in one file. -> OUTDIR/gpu_check.json
+# 3. The notebook's GPU path, which CI (CPU only) never runs: every code cell in order as a plain
+#    script (bench/notebook_as_script.py), "t4" preset cut to 300 steps. -> OUTDIR/notebook.log
+# 4. The headline figures in one file. -> OUTDIR/gpu_check.json
 #
 # A step that fails or runs out of time is reported and the others still run; the exit status
 # is non-zero if any step failed.
@@ -35,6 +38,7 @@ if [ "${SLM_GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   TRAIN_ARGS=(--device cpu --quick --shape tiny --batch-size 4 --warmup 1 --steps 2
               --levers --skip-compile --grid-dtypes bfloat16 --grid-compile off)
   TTL_ARGS=(--device cpu --shape tiny --max-steps 6 --batch-size 4 --eval-interval 2 --eval-tokens 256)
+  NB_ARGS=(--preset cpu --max-steps 4)
 else
   "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: bench/gpu_check.sh needs a GPU')"
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,power.limit,clocks.max.sm \
@@ -42,6 +46,7 @@ else
   TRAIN_ARGS=(--device cuda --warmup 3 --steps 6
               --grid-dtypes float16,bfloat16 --grid-compile off,on)
   TTL_ARGS=(--device cuda --max-steps 400 --eval-interval 20)
+  NB_ARGS=(--preset t4 --max-steps 300)
 fi
 
 failed=()
@@ -58,12 +63,16 @@ step() {  # step NAME SECONDS LOG COMMAND...: run it under a time limit, log it,
 }
 
 # in a dry run the GPU tests only report themselves skipped
-step "GPU unit tests" 90 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step "training throughput" 200 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
-step "time to target val loss, eager" 80 "$OUT/time_to_loss.log" \
+step "GPU unit tests" 75 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step "training throughput" 160 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
+step "time to target val loss, eager" 60 "$OUT/time_to_loss.log" \
   "$PY" bench/time_to_loss.py --out "$OUT/time_to_loss.json" "${TTL_ARGS[@]}"
-step "time to target val loss, compiled" 90 "$OUT/time_to_loss_compiled.log" \
+step "time to target val loss, compiled" 75 "$OUT/time_to_loss_compiled.log" \
   "$PY" bench/time_to_loss.py --out "$OUT/time_to_loss_compiled.json" --compile "${TTL_ARGS[@]}"
+NB_WORK="$(mktemp -d)"  # token files and checkpoints: large, and not figures
+step "the notebook's GPU path" 110 "$OUT/notebook.log" \
+  "$PY" bench/notebook_as_script.py --out-dir "$NB_WORK" "${NB_ARGS[@]}"
+rm -rf "$NB_WORK"
 
 "$PY" - "$OUT" "$((SECONDS - start))" "${failed[*]:-}" <<'EOF'
 import json, sys
@@ -77,9 +86,14 @@ def load(name):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-log = out / "test_cuda.log"
-tests = log.read_text().strip().splitlines() if log.is_file() else []
-summary = {"check_seconds": seconds, "failed_steps": failed or None, "gpu_tests": tests[-1] if tests else None}
+def last_line(name, marker=""):
+    path = out / name
+    lines = [l for l in path.read_text(errors="replace").splitlines() if marker in l] if path.is_file() else []
+    return lines[-1].strip() if lines else None
+
+
+summary = {"check_seconds": seconds, "failed_steps": failed or None, "gpu_tests": last_line("test_cuda.log"),
+           "notebook": last_line("notebook.log", "####")}
 train = load("train.json")
 if train:
     summary.update({
