@@ -74,7 +74,7 @@ step "the notebook's GPU path" 110 "$OUT/notebook.log" \
   "$PY" bench/notebook_as_script.py --out-dir "$NB_WORK" "${NB_ARGS[@]}"
 rm -rf "$NB_WORK"
 
-"$PY" - "$OUT" "$((SECONDS - start))" "${failed[*]:-}" <<'EOF'
+"$PY" - "$OUT" "$((SECONDS - start))" "$(IFS=';'; echo "${failed[*]:-}")" <<'EOF'
 import json, sys
 from pathlib import Path
 
@@ -92,7 +92,7 @@ def last_line(name, marker=""):
     return lines[-1].strip() if lines else None
 
 
-summary = {"check_seconds": seconds, "failed_steps": failed or None, "gpu_tests": last_line("test_cuda.log"),
+summary = {"check_seconds": seconds, "failed_steps": failed.split(";") if failed else None, "gpu_tests": last_line("test_cuda.log"),
            "notebook": last_line("notebook.log", "####")}
 train = load("train.json")
 if train:
