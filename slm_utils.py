@@ -381,8 +381,8 @@ def _private_copy(enc):
 
     Threads sharing one ``tiktoken.Encoding`` do not run in parallel: on 2 cores, 2 threads on
     one encoder tokenized 13.8 MB/s, slower than one thread alone (16.5 MB/s), against 33 MB/s
-    with a copy each (see BENCHMARKS.md). A copy costs about 20 ms. Where tiktoken's internals differ from
-    what this expects, the shared encoder is used: slower, but the tokens are the same.
+    with a copy each (see BENCHMARKS.md). A copy costs about 20 ms. Where tiktoken's internals
+    differ from what this expects, the shared encoder is used: slower, same tokens.
     """
     import tiktoken
 
@@ -407,8 +407,8 @@ def _ordered_map_bounded(pool: ThreadPoolExecutor, fn, items, window: int) -> It
 def _write_tokens(enc, docs: Sequence[Document], path: Path, num_workers: int, desc: str) -> int:
     """Tokenize ``docs`` in parallel and append them, in order, to ``path``. Returns the token count.
 
-    tiktoken's Rust core releases the GIL, so threads run in parallel without pickling text
-    to processes. Results are written in document order, one shard per document, so the file is
+    tiktoken's Rust core releases the GIL, so threads, each with its own copy of the encoder,
+    run in parallel without pickling text to processes. Results are written in document order, one shard per document, so the file is
     byte-identical for any worker count, and only ``2 * num_workers`` documents are in flight.
     """
     from tqdm.auto import tqdm
