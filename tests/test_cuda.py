@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from helpers import copy_into_padded, take_steps
 
 import slm_utils as s
 
@@ -77,11 +78,7 @@ def test_fused_adamw_on_cuda_matches_the_plain_one():
     assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
     x = torch.randint(0, 256, (4, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     for model, opt in zip(models, opts):
-        for _ in range(3):
-            _, loss = model(x, x)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        take_steps(model, opt, x)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
@@ -107,10 +104,7 @@ def test_padded_vocab_logits_equal_the_unpadded_ones_on_cuda():
     plain = s.GPT(s.GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).cuda().eval()
     padded = s.GPT(s.GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0,
                                pad_vocab_multiple=64)).cuda().eval()
-    with torch.no_grad():
-        theirs = dict(padded.named_parameters())
-        for name, p in plain.named_parameters():
-            theirs[name][: p.size(0)].copy_(p)
+    copy_into_padded(plain, padded)
     x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(9)).cuda()
     with torch.no_grad():
         a, loss_a = plain(x, x)

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import copy_into_padded
 
 from slm_utils import (
     GPT,
@@ -155,14 +156,6 @@ def test_overfits_one_batch():
         opt.step()
     assert losses[0] > 4.0  # ~ln(128) to start with
     assert losses[-1] < 1.0, f"loss only reached {losses[-1]:.3f} after {len(losses)} steps"
-
-
-def copy_into_padded(src: GPT, dst: GPT):
-    """Copy weights between a plain and a padded-vocabulary model: vocabulary rows go first."""
-    with torch.no_grad():
-        dst_params = dict(dst.named_parameters())
-        for name, p in src.named_parameters():
-            dst_params[name][: p.size(0)].copy_(p)
 
 
 def test_padded_vocab_gives_same_logits_and_loss():

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from helpers import take_steps  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 import slm_utils  # noqa: E402
@@ -179,11 +180,7 @@ def test_fused_adamw_is_the_default_on_cpu_and_steps_like_the_plain_one():
     assert opts[0].defaults["fused"] and not opts[1].defaults["fused"]
     x = tokens((2, 16), 50257, 5)
     for model, opt in zip(models, opts):
-        for _ in range(3):
-            _, loss = model(x, x)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        take_steps(model, opt, x)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
 
