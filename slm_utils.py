@@ -630,9 +630,76 @@ def get_eval_windows(data_dir, block_size: int, num_tokens: int, split: str = "v
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
+def _pair_counts(tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Unigram counts (V,), and every distinct (previous, next) pair as sorted keys with counts."""
+    t = tokens.astype(np.int64)
+    keys, counts = np.unique(t[:-1] * vocab_size + t[1:], return_counts=True)
+    return np.bincount(t, minlength=vocab_size), np.bincount(t[:-1], minlength=vocab_size), keys, counts
+
+
+def _ngram_losses(fit: np.ndarray, score: np.ndarray, vocab_size: int, lambdas) -> tuple[float, dict]:
+    """Mean cross-entropy on ``score`` of the unigram and of each interpolated bigram fitted on ``fit``."""
+    uni, ctx, keys, counts = _pair_counts(fit, vocab_size)
+    p_uni = (uni + 1.0) / (uni.sum() + vocab_size)  # add-one: an unseen token is unlikely, not impossible
+    a, b = score[:-1].astype(np.int64), score[1:].astype(np.int64)
+    q = a * vocab_size + b
+    pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+    p_bi = np.where(keys[pos] == q, counts[pos], 0) / np.maximum(ctx[a], 1)  # count(a, b) / count(a)
+    unigram = float(-np.log(p_uni[b]).mean())
+    return unigram, {lam: float(-np.log(lam * p_bi + (1 - lam) * p_uni[b]).mean()) for lam in lambdas}
+
+
+def baseline_losses(data_dir, *, tune_fraction: float = 0.1) -> dict:
+    """Val cross-entropy (nats per token) of models without a neural network: what a loss means.
+
+    - ``uniform``: every token equally likely, ln(vocab_size): a fresh model's loss.
+    - ``unigram``: each token by its frequency in train (add-one smoothed), context ignored.
+    - ``bigram``: ``lam * count(a, b) / count(a) + (1 - lam) * p_unigram(b)``: the next token
+      from the previous one alone. A transformer below it uses more than one token of context.
+
+    Everything is fitted on the train split only. ``lam`` is chosen on the last
+    ``tune_fraction`` of train, with counts from the rest; then the counts are refitted on all
+    of train, and val is scored once. The result is cached in ``data_dir/baselines.json``.
+    """
+    meta = read_meta(data_dir)
+    if not 0.0 < tune_fraction < 1.0:
+        raise ConfigError(f"tune_fraction={tune_fraction} must be between 0 and 1, e.g. 0.1.")
+    key = {"source": meta["source"], "fingerprint": meta["fingerprint"], "splits": meta["splits"],
+           "tune_fraction": tune_fraction}
+    cache = Path(data_dir) / "baselines.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        cached = json.loads(cache.read_text())
+        if cached["key"] == key:
+            return cached["losses"]
+    V = meta["vocab_size"]
+    train_tokens, val_tokens = (_open_tokens(data_dir, split) for split in ("train", "val"))
+    cut = int(len(train_tokens) * (1 - tune_fraction))
+    if cut < 2 or len(train_tokens) - cut < 2 or len(val_tokens) < 2:
+        raise DataError(f"The splits are too small for n-gram baselines ({len(train_tokens)} train, "
+                        f"{len(val_tokens)} val tokens). Fix: add data.")
+    lambdas = [round(x, 2) for x in np.arange(0.05, 1.0, 0.05)]
+    _, tuned = _ngram_losses(train_tokens[:cut], train_tokens[cut:], V, lambdas)
+    lam = float(min(tuned, key=tuned.get))
+    unigram, bigram = _ngram_losses(train_tokens, val_tokens, V, [lam])
+    losses = {"uniform": math.log(V), "unigram": unigram, "bigram": bigram[lam], "bigram_lambda": lam}
+    with contextlib.suppress(OSError):  # a read-only data folder just recomputes next time
+        _atomic_write(cache, json.dumps({"key": key, "losses": losses}, indent=2).encode())
+    return losses
+
+
 # =====================================================================================
 # 4. Model
 # =====================================================================================
+
+
+# The two architecture bundles. Each option is a field of GPTConfig and can be switched on its
+# own (bench/ablation.py does); a whole bundle is exactly what one Hugging Face class holds.
+ARCHS = {
+    # GPT-2 (2019): learned position table, LayerNorm, GELU MLP, biases, tied head
+    "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True),
+    # Llama: rotary positions, RMSNorm, SwiGLU MLP, no biases (n_kv_head < n_head gives GQA)
+    "llama": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+}
 
 
 @dataclass
@@ -640,11 +707,19 @@ class GPTConfig:
     vocab_size: int = GPT2_VOCAB_SIZE  # tokens the tokenizer can produce
     block_size: int = 128  # longest context; also the rows of the position table
     n_layer: int = 6  # transformer blocks
-    n_head: int = 6  # attention heads per block
+    n_head: int = 6  # attention (query) heads per block
     n_embd: int = 384  # width of the residual stream
     dropout: float = 0.1  # on attention weights, residual branches and embeddings
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
     pad_vocab_multiple: int = 1  # round the embedding rows up (64 suits GPU matmuls); logits are sliced back
+    n_kv_head: int | None = None  # key/value heads; None = n_head. Fewer is grouped-query attention (GQA)
+    pos_emb: str = "learned"  # "learned" (a table of block_size rows, GPT-2) or "rope" (rotary, Llama)
+    rope_theta: float = 10_000.0  # RoPE base: the slowest pair of dimensions turns once per ~theta tokens
+    norm: str = "layernorm"  # "layernorm" (centre and scale) or "rmsnorm" (scale only, Llama)
+    norm_eps: float = 1e-5  # added to the variance in every norm
+    mlp: str = "gelu"  # "gelu" (4x wide, GPT-2) or "swiglu" (gated, 8/3x wide, Llama)
+    mlp_hidden: int | None = None  # hidden width of the MLP; None = the default of the mlp kind
+    tie_weights: bool = True  # lm_head shares the token-embedding matrix
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
@@ -654,29 +729,106 @@ class GPTConfig:
             raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1).")
+        for name, allowed in (("pos_emb", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                              ("mlp", ("gelu", "swiglu"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"GPTConfig.{name}={getattr(self, name)!r} is not one of {allowed}. "
+                                  f"Fix: use {' or '.join(map(repr, allowed))}.")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ConfigError(
+                f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}: every key/value head "
+                "must serve the same number of query heads. Fix: choose n_kv_head among the divisors of "
+                f"n_head ({', '.join(str(d) for d in range(1, self.n_head + 1) if self.n_head % d == 0)}), "
+                "or None for plain multi-head attention.")
+        if self.pos_emb == "rope" and self.head_size % 2:
+            raise ConfigError(
+                f"RoPE rotates pairs of dimensions, but the head size n_embd / n_head = {self.head_size} is odd. "
+                "Fix: choose n_embd and n_head so that n_embd // n_head is even, or pos_emb='learned'.")
+        if not self.rope_theta > 0 or not self.norm_eps > 0:
+            raise ConfigError(f"rope_theta={self.rope_theta} and norm_eps={self.norm_eps} must be > 0.")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ConfigError(f"mlp_hidden={self.mlp_hidden} must be at least 1, or None for the default.")
+
+    @classmethod
+    def from_arch(cls, arch: str, **fields) -> "GPTConfig":
+        """A config with a named bundle (``"gpt2"`` or ``"llama"``); ``fields`` set the rest."""
+        return cls(**{**arch_fields(arch), **fields})
 
     @property
     def padded_vocab_size(self) -> int:
         m = self.pad_vocab_multiple
         return (self.vocab_size + m - 1) // m * m
 
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def hidden_size(self) -> int:
+        """The MLP's hidden width. SwiGLU has three matrices where GELU has two, so it is 8/3 x
+        n_embd wide instead of 4x (3 x 8/3 = 2 x 4), rounded to a multiple of 32: the same
+        number of weights within a few percent, and shapes that suit matrix kernels."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "swiglu":
+            return max(32, round(8 * self.n_embd / 3 / 32) * 32)
+        return 4 * self.n_embd
+
+    @property
+    def arch(self) -> str | None:
+        """``"gpt2"`` or ``"llama"`` when the config is one Hugging Face class; None for a mix."""
+        if self.pos_emb == "learned" and self.norm == "layernorm" and self.mlp == "gelu" \
+                and self.kv_heads == self.n_head:
+            return "gpt2"
+        if self.pos_emb == "rope" and self.norm == "rmsnorm" and self.mlp == "swiglu":
+            return "llama"
+        return None
+
+    @property
+    def hf_architecture(self) -> str:
+        """The ``transformers`` class that holds this model exactly (biases on or off, tied or not).
+
+        The options mix freely for ablations, but only the two bundles have a class: a mix such
+        as RoPE with LayerNorm is refused here, which is where export asks.
+        """
+        names = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+        if self.arch is None:
+            raise ConfigError(
+                f"No transformers class holds pos_emb={self.pos_emb!r}, norm={self.norm!r}, mlp={self.mlp!r}, "
+                f"n_kv_head={self.n_kv_head!r} together: GPT2LMHeadModel needs learned/layernorm/gelu without GQA, "
+                "LlamaForCausalLM needs rope/rmsnorm/swiglu. Fix: build the model with arch='gpt2' or "
+                "arch='llama' (GPTConfig.from_arch); mixes are for ablations only.")
+        return names[self.arch]
+
+
+def arch_fields(arch: str) -> dict:
+    """The GPTConfig fields of a named bundle, ``"gpt2"`` or ``"llama"``."""
+    if arch not in ARCHS:
+        raise ConfigError(f"Unknown arch {arch!r}. Fix: use one of {', '.join(map(repr, ARCHS))}.")
+    return dict(ARCHS[arch])
+
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated to ``block_size``.
 
-    ``prefill`` writes a whole prompt at once; each generated token then ``advance``s one slot,
-    so a step costs one token's work instead of the whole context's.
+    The model writes a whole prompt at once (the prefill: ``forward`` with an empty cache), then
+    one token per step, so a step costs one token's work instead of the whole context's. With
+    grouped-query attention only the ``n_kv_head`` shared heads are stored: the cache shrinks by
+    ``n_head / n_kv_head``.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, config.block_size, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, nh, T_max, hs)
+        shape = (config.n_layer, batch_size, config.kv_heads, config.block_size, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, n_kv, T_max, hs)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # tokens stored
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v (B, nh, t, hs) for ``layer``; return all keys/values so far."""
+        """Store this step's k, v (B, n_kv, t, hs) for ``layer``; return all keys/values so far."""
         t = k.size(2)
         self.k[layer, :, :, self.length:self.length + t] = k
         self.v[layer, :, :, self.length:self.length + t] = v
@@ -689,12 +841,50 @@ class KVCache:
     def reset(self):
         self.length = 0
 
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles, each (length, head_size).
+
+    Dimension pair (i, i + hs/2) turns by ``pos * theta ** (-2i / hs)``: the first pairs spin
+    fast (fine position), the last slowly (coarse position). Same layout as Llama's.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))  # (hs/2,)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs): the two halves of a pair share an angle
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + hs/2]) of ``x`` (B, nh, T, hs) by its position's angle.
+
+    A query at position m and a key at n then score ``q R(m)^T R(n) k = q R(n - m) k``: attention
+    sees only the distance between tokens, and no table of positions has to be learned.
+    """
+    x1, x2 = x.chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """LayerNorm (subtract the mean, divide by the std, then scale and shift) or RMSNorm (only
+    divide by the root mean square, then scale): RMSNorm does less work and, at this size,
+    trains as well."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.n_head, self.n_kv_head, self.head_size = config.n_head, config.kv_heads, config.head_size
+        # q, k, v in one matmul: n_head query heads, n_kv_head key and value heads
+        qkv_width = (config.n_head + 2 * config.kv_heads) * config.head_size
+        self.c_attn = nn.Linear(config.n_embd, qkv_width, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -703,25 +893,32 @@ class CausalSelfAttention(nn.Module):
         self.last_attention: torch.Tensor | None = None  # filled by the manual path when asked
         self.keep_attention = False
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
+        q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        if rope is not None:  # rotate queries and keys by their absolute positions (cos, sin: (T, hs))
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
         if cache is not None:
             past = cache.length
-            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hs)
+            k, v = cache.update(layer, k, v)  # (B, n_kv, past + T, hs)
+        if nkv != nh:  # GQA: each key/value head serves nh / n_kv consecutive query heads
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, past + T, hs)
+            v = v.repeat_interleave(nh // nkv, dim=1)
         if self.use_sdpa and not self.keep_attention:
             # With a cache, a single new query may look at every stored key (no mask needed);
             # a prompt prefilled into an empty cache is ordinary causal attention.
             if past and T > 1:
-                raise RuntimeError("KVCache supports a prefill into an empty cache, then one token at a time.")
+                raise ConfigError("KVCache takes a prompt into an empty cache, then one token at a time. "
+                                  "Fix: reset() the cache before a new prompt.")
             y = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=(past == 0 and T > 1))
         else:
-            hs = q.size(-1)
             att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, past + T)
             # query i (at absolute position past + i) may see keys 0 .. past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
@@ -736,30 +933,42 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GELU: (B, T, C) -> (B, T, 4C) -> GELU -> (B, T, C). SwiGLU: ``c_fc`` makes a gate and a
+    value, each (B, T, H); silu(gate) * value -> (B, T, C). The gate lets each hidden unit scale
+    its own value up or down, which trains a little better for the same weights."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.gated = config.mlp == "swiglu"
+        hidden = config.hidden_size
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.gated else 1) * hidden, bias=config.bias)
+        self.act = nn.SiLU() if self.gated else nn.GELU()
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
+        h = self.c_fc(x)  # (B, T, H) or, gated, (B, T, 2H)
+        if self.gated:
+            gate, value = h.chunk(2, dim=-1)  # (B, T, H) each
+            h = self.act(gate) * value
+        else:
+            h = self.act(h)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
 class Block(nn.Module):
-    """Pre-norm: x + attn(ln(x)), then x + mlp(ln(x)). The residual stream itself is never normed,
-    so gradients reach early layers unchanged; this is what makes deep stacks train stably."""
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)). The residual stream itself is never
+    normed, so gradients reach early layers unchanged; this is what makes deep stacks train stably."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, rope=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -827,22 +1036,28 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),  # token id -> vector
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # position -> vector
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        modules = dict(wte=nn.Embedding(config.padded_vocab_size, config.n_embd))  # token id -> vector
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # position -> vector
+        modules.update(drop=nn.Dropout(config.dropout),
+                       h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                       ln_f=make_norm(config))
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # Weight tying: reading a token in and writing it out use one matrix (saves 19M params here)
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_weights:
+            # Weight tying: reading a token in and writing it out use one matrix (saves 19M params here)
+            self.lm_head.weight = self.transformer.wte.weight
+        if config.pos_emb == "rope":  # fixed tables, not weights: rebuilt from the config, never saved
+            cos, sin = rope_tables(config.head_size, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         with torch.no_grad():
             self.transformer.wte.weight[config.vocab_size:].zero_()
+            self.lm_head.weight[config.vocab_size:].zero_()
 
     @staticmethod
     def _init_weights(module):
@@ -868,10 +1083,15 @@ class GPT(nn.Module):
             raise ConfigError(
                 f"Sequence of {past + T} tokens is longer than block_size={self.config.block_size}. "
                 "Fix: crop the input to the last block_size tokens (generate() does this for you).")
-        pos = torch.arange(past, past + T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos_emb == "learned":
+            x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))  # + (T, C)
+        else:  # rotary: positions enter inside attention, as rotations of q and k
+            rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])  # (T, hs) each
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, rope)
         if cache is not None:
             cache.advance(T)
         x = self.transformer.ln_f(x)
@@ -958,22 +1178,24 @@ def count_parameters(model: nn.Module) -> dict:
     cfg: GPTConfig = model.config
     unique = {id(p): p for p in model.parameters()}.values()
     stored = sum(p.numel() for p in unique)
-    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd
-    wte = cfg.vocab_size * cfg.n_embd
-    wpe = model.transformer.wpe.weight.numel()
+    per_matrix = cfg.vocab_size * cfg.n_embd
+    padding = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.n_embd * (1 if cfg.tie_weights else 2)
+    wpe = model.transformer.wpe.weight.numel() if "wpe" in model.transformer else 0
+    head = 0 if cfg.tie_weights else per_matrix
     per_block = sum(p.numel() for p in model.transformer.h[0].parameters())
     total = stored - padding
     return {
         "total": total,
-        "token_embedding": wte,
+        "token_embedding": per_matrix,
         "position_embedding": wpe,
-        "embedding": wte + wpe,
+        "embedding": per_matrix + wpe,
+        "lm_head": head,  # 0 when tied: the head is the token embedding
         "per_block": per_block,
         "blocks": per_block * cfg.n_layer,
         "final_layernorm": sum(p.numel() for p in model.transformer.ln_f.parameters()),
-        "non_embedding": total - wte - wpe,
+        "non_embedding": total - per_matrix - wpe - head,
         "padding": padding,
-        "tied_counted_twice": total + wte,
+        "tied_counted_twice": total + per_matrix if cfg.tie_weights else total,
     }
 
 
@@ -1005,6 +1227,13 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"...
     seed: int = 1337  # seeds init, dropout and batch sampling
     out_dir: str = "out"  # where checkpoints ('last.pt', 'best.pt') go
+    embedding_lr: float | None = None  # peak lr of the embedding tables (wte, wpe); None = learning_rate
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest
+    muon_lr: float = 0.02  # peak lr of the Muon matrices; follows the same warmup + cosine shape
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
+    muon_ns_dtype: str = "auto"  # Newton-Schulz precision: "auto" (bf16 on sm80+, fp16 below, fp32 on CPU)
+    curriculum_steps: int = 0  # optimizer steps of short windows first (0: off); tokens per step stay fixed
+    curriculum_start: int = 32  # the first window length; doubles in equal stages up to block_size
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -1028,6 +1257,26 @@ class TrainConfig:
             raise ConfigError(f"grad_clip={self.grad_clip} and weight_decay={self.weight_decay} must be >= 0.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype={self.dtype!r} must be 'auto', 'float32', 'bfloat16' or 'float16'.")
+        if self.embedding_lr is not None and self.embedding_lr <= 0:
+            raise ConfigError(f"embedding_lr={self.embedding_lr} must be > 0, or None to use learning_rate.")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ConfigError(f"optimizer={self.optimizer!r} must be 'adamw' or 'muon'.")
+        if self.muon_lr <= 0 or not 0.0 <= self.muon_momentum < 1.0:
+            raise ConfigError(f"muon_lr={self.muon_lr} must be > 0 and muon_momentum={self.muon_momentum} in [0, 1).")
+        if self.muon_ns_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"muon_ns_dtype={self.muon_ns_dtype!r} must be 'auto', 'float32', 'bfloat16' or "
+                              "'float16'.")
+        if self.curriculum_steps:
+            stages = self.block_size / self.curriculum_start
+            if self.curriculum_steps < 0 or self.curriculum_steps >= self.max_steps:
+                raise ConfigError(f"curriculum_steps={self.curriculum_steps} must be >= 0 and smaller than "
+                                  f"max_steps={self.max_steps}. Fix: lower it, or 0 to train on full windows only.")
+            if not (self.curriculum_start >= 1 and stages >= 2 and stages.is_integer()
+                    and (int(stages) & (int(stages) - 1)) == 0):
+                raise ConfigError(
+                    f"curriculum_start={self.curriculum_start} must be block_size={self.block_size} divided by a "
+                    "power of two (2, 4, 8...), so that every stage's window divides the tokens of a micro-batch. "
+                    f"Fix: e.g. curriculum_start={self.block_size // 4}.")
 
     @property
     def tokens_per_step(self) -> int:
@@ -1048,6 +1297,23 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def window_at(step: int, cfg: TrainConfig) -> tuple[int, int]:
+    """(batch size, window length) of the micro-batches at optimizer step ``step``.
+
+    The sequence-length curriculum: for the first ``curriculum_steps`` steps the windows are
+    short, ``curriculum_start`` tokens, doubling in equal stages up to ``block_size``. The batch
+    grows as the window shrinks, so every step still trains on ``tokens_per_step`` tokens. Short
+    windows are cheaper (attention is quadratic in length) and the first things a model learns,
+    which token follows which, need no long context.
+    """
+    if step >= cfg.curriculum_steps:
+        return cfg.batch_size, cfg.block_size
+    n_stages = int(math.log2(cfg.block_size // cfg.curriculum_start)) + 1  # the last stage is the full window
+    stage = step * n_stages // cfg.curriculum_steps
+    T = cfg.curriculum_start * 2 ** stage
+    return cfg.batch_size * cfg.block_size // T, T
+
+
 def scale_schedule(cfg: TrainConfig, max_steps: int) -> TrainConfig:
     """The same recipe over ``max_steps`` optimizer steps: a shorter (or longer) run.
 
@@ -1064,8 +1330,10 @@ def scale_schedule(cfg: TrainConfig, max_steps: int) -> TrainConfig:
         warmup = max(1, warmup)  # a recipe with a warm-up keeps one
     fewest = min(cfg.eval_tokens, 64 * cfg.block_size)
     eval_tokens = min(cfg.eval_tokens, max(fewest, round(cfg.eval_tokens * ratio)))
+    curriculum = min(max_steps - 1, round(cfg.curriculum_steps * ratio)) if max_steps > 1 else 0
     return dataclasses.replace(cfg, max_steps=max_steps, warmup_steps=warmup, eval_tokens=eval_tokens,
-                               eval_interval=max(1, round(cfg.eval_interval * ratio)))
+                               eval_interval=max(1, round(cfg.eval_interval * ratio)),
+                               curriculum_steps=curriculum)
 
 
 def choose_amp_dtype(device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype:
@@ -1105,27 +1373,187 @@ def _resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return getattr(torch, cfg.dtype)
 
 
-def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu",
-                        fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying biases and LayerNorm gains only hurts.
+def orthogonalize(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
+                  eps: float = 1e-7) -> torch.Tensor:
+    """The nearest (semi-)orthogonal matrix to ``G`` (rows x cols), by a quintic Newton-Schulz
+    iteration: roughly U V^T of the SVD G = U S V^T, every singular value pushed towards 1.
 
-    ``fused`` (default: on for "cuda" and "cpu") updates every parameter in one kernel instead of
-    a few per tensor: the optimizer step ran 3x faster on both (see BENCHMARKS.md). A PyTorch
-    without the fused kernel for the device gets the ordinary one.
+    The coefficients (3.4445, -4.7750, 2.0315) make small singular values grow as fast as
+    possible; after 5 steps they land between about 0.7 and 1.2 rather than exactly at 1, which
+    trains as well. Only matrix products, so it runs in ``dtype`` on tensor cores.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.to(dtype)
+    tall = G.size(0) > G.size(1)
+    if tall:  # work on the wide orientation: the Gram matrix X X^T is then the smaller one
+        X = X.T
+    X = X / X.norm().clamp(min=eps)  # Frobenius norm >= spectral norm: every singular value <= 1
+    for _ in range(steps):
+        A = X @ X.T  # (rows, rows)
+        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.addmm(X, B, X, beta=a)  # a X + B X: each singular value s -> a s + b s^3 + c s^5
+    return X.T if tall else X
+
+
+def muon_ns_dtype(name: str, device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype:
+    """Precision of Muon's Newton-Schulz products on a device.
+
+    ``torch.optim.Muon`` always uses bfloat16. A T4 (sm75) has fp16 tensor cores but only
+    emulates bf16, so below sm80 we use fp16: the iteration keeps every entry below 1 in size,
+    well inside fp16's range, and fp16 carries 3 more bits of mantissa than bf16. On a CPU fp32.
+    """
+    if name != "auto":
+        return getattr(torch, name)
+    if device_type != "cuda":
+        return torch.float32
+    if capability is None:
+        capability = torch.cuda.get_device_capability()
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon: momentum SGD whose update for each matrix is orthogonalized (see ``orthogonalize``).
+
+    Adam scales every weight's step by that weight's own history; Muon instead gives every
+    direction of a matrix an equally sized step, so rare directions learn as fast as common
+    ones. It is meant for the 2-D weights inside the blocks; embeddings, the head, norms and
+    biases stay with AdamW. Same update as ``torch.optim.Muon`` (PyTorch 2.9+, bf16 only), here
+    with a chosen Newton-Schulz dtype and on any PyTorch:
+
+        buf = momentum * buf + (1 - momentum) * grad
+        g = grad + momentum * (buf - grad)        (Nesterov)
+        W = W * (1 - lr * weight_decay) - lr * sqrt(max(1, rows / cols)) * orthogonalize(g)
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
+                 nesterov: bool = True, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                      ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.dim() != 2:
+                    raise ConfigError(f"Muon takes 2-D matrices only, got a tensor of shape {tuple(p.shape)}. "
+                                      "Fix: give vectors and embeddings to AdamW (configure_optimizer does).")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mom)
+                g = p.grad.lerp(buf, mom) if group["nesterov"] else buf
+                update = orthogonalize(g, group["ns_steps"], self.ns_dtype)
+                p.mul_(1 - lr * wd)
+                p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+        return loss
+
+
+class CombinedOptimizer:
+    """Several optimizers stepped as one, e.g. Muon for the block matrices and AdamW for the rest.
+
+    It has what ``train()``, ``GradScaler`` and the checkpoints use of an optimizer:
+    ``param_groups`` (all of them, so one loop sets every lr), ``step``, ``zero_grad``,
+    ``state_dict`` and ``load_state_dict``.
+    """
+
+    def __init__(self, **optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
+
+    def step(self, closure=None):
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict):
+        if set(state) != set(self.optimizers):
+            raise CheckpointError(f"The checkpoint's optimizer has parts {sorted(state)}, this run's has "
+                                  f"{sorted(self.optimizers)}. Fix: resume with the optimizer it was trained with.")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+def muon_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The 2-D weight matrices inside the transformer blocks: what Muon trains."""
+    raw = getattr(model, "_orig_mod", model)
+    blocks = getattr(getattr(raw, "transformer", None), "h", None)
+    if blocks is None:
+        return []
+    return [(n, p) for n, p in blocks.named_parameters() if p.dim() == 2 and p.requires_grad]
+
+
+def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "cpu",
+                        fused: bool | None = None):
+    """The optimizer ``cfg.optimizer`` names, with each group's ``lr_scale`` set for ``get_lr``.
+
+    ``"adamw"``: AdamW, with weight decay on matrices only (decaying biases and norm gains only
+    hurts); the embedding tables at ``embedding_lr`` when it is set. ``"muon"``: Muon for the matrices inside the blocks, at ``muon_lr``; AdamW, as
+    above, for the embeddings, head, norms and biases, at ``learning_rate``. ``fused`` (default:
+    on for "cuda" and "cpu") updates every AdamW tensor in one kernel instead of a few per
+    tensor; a PyTorch without the fused kernel for the device gets the ordinary one.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    muon_ids = set()
+    if cfg.optimizer == "muon":
+        matrices = muon_parameters(model)
+        if not matrices:
+            raise ConfigError("optimizer='muon' found no 2-D weight matrices inside transformer blocks "
+                              "(model.transformer.h) to orthogonalize. Fix: use optimizer='adamw' for this model.")
+        muon_ids = {id(p) for _, p in matrices}
+    raw = getattr(model, "_orig_mod", model)
+    tables = getattr(raw, "transformer", {})
+    embedding_ids = {id(tables[n].weight) for n in ("wte", "wpe") if n in tables} if cfg.embedding_lr else set()
+    rest = [p for p in params if id(p) not in muon_ids | embedding_ids]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
+    if embedding_ids:
+        # A row of an embedding table gets a gradient only when its token occurs, so it can take
+        # far larger steps than a matrix that every token updates. With tied weights the
+        # shared matrix is a table too, and takes this lr.
+        groups.append({"params": [p for p in params if id(p) in embedding_ids],
+                       "weight_decay": cfg.weight_decay, "lr_scale": cfg.embedding_lr / cfg.learning_rate})
     if fused is None:
         fused = device_type in ("cuda", "cpu")
     settings = dict(lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps)
+    adamw = None
     if fused:
         try:
-            return torch.optim.AdamW(groups, fused=True, **settings)
+            adamw = torch.optim.AdamW(groups, fused=True, **settings)
         except RuntimeError:  # e.g. fused AdamW on the CPU needs PyTorch 2.4 or newer
             pass
-    return torch.optim.AdamW(groups, fused=False, **settings)
+    if adamw is None:
+        adamw = torch.optim.AdamW(groups, fused=False, **settings)
+    if cfg.optimizer == "adamw":
+        return adamw
+    muon = Muon([{"params": [p for p in params if id(p) in muon_ids],
+                  "lr_scale": cfg.muon_lr / cfg.learning_rate}],
+                lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                ns_dtype=muon_ns_dtype(cfg.muon_ns_dtype, device_type))
+    return CombinedOptimizer(adamw=adamw, muon=muon)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -1250,7 +1678,10 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scaler=None, *, step
 
 
 def _config_mismatch(saved: dict, current: dict) -> list[str]:
-    # dropout changes no tensor shape: loading trained weights into a dropout-free model is fine
+    # dropout changes no tensor shape: loading trained weights into a dropout-free model is fine.
+    # A field the checkpoint lacks (it predates that option) had the default's behaviour.
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    saved = {**defaults, **saved}
     return [f"{k}: checkpoint {saved.get(k)!r} vs {current.get(k)!r}"
             for k in sorted(set(saved) | set(current)) if k != "dropout" and saved.get(k) != current.get(k)]
 
@@ -1301,7 +1732,12 @@ def load_checkpoint(path, model: nn.Module | None = None, optimizer=None, scaler
                               f"({raw.config.vocab_size}). Fix: build the model with vocab_size={data_meta['vocab_size']}.")
     raw.load_state_dict(ckpt["model"])
     if optimizer is not None and ckpt.get("optimizer") is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path} holds the state of another optimizer ({type(e).__name__}: {e}). Fix: "
+                                  "resume with the optimizer it was trained with (TrainConfig.optimizer), "
+                                  "or use a new out_dir.") from None
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
     ckpt["gpt"] = model
@@ -1314,6 +1750,53 @@ def load_model(path, device="cpu") -> GPT:
 
 
 # ---- the training loop ----------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean training loss of the step's micro-batches
+    grad_norm: float  # global gradient norm after unscaling, before clipping
+    finite: bool  # False: a non-finite loss or gradient; the gradients were dropped, no weight changed
+    skipped: bool  # fp16 only: GradScaler found an overflow, skipped the update and lowered its scale
+
+
+def train_step(model: nn.Module, optimizer, scaler: torch.amp.GradScaler,
+               batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, grad_clip: float = 1.0,
+               device="cpu", dtype: torch.dtype = torch.float32) -> StepResult:
+    """One optimizer step: the whole of training, minus bookkeeping.
+
+    1. For each micro-batch (x, y) of ``batches``: forward under autocast, loss / number of
+       micro-batches (so the summed gradients are the mean), backward of the scaled loss.
+    2. Unscale the gradients (fp16), then clip their global norm to ``grad_clip`` (0: no clip).
+    3. A non-finite loss or gradient never reaches the weights: the gradients are dropped.
+    4. Otherwise the optimizer steps (GradScaler may still skip an fp16 overflow) and the
+       gradients are cleared.
+
+    The caller sets the learning rate beforehand. ``train()`` and the benchmarks use this.
+    """
+    raw = getattr(model, "_orig_mod", model)
+    device = torch.device(device)
+    loss_sum = torch.zeros((), device=device)
+    for x, y in batches:
+        with _autocast(device, dtype):
+            _, loss = model(x, y)
+        loss = loss / len(batches)  # the summed gradient is then the mean over micro-batches
+        scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    train_loss = loss_sum.item()
+    scaler.unscale_(optimizer)  # clip true gradients, not loss-scaled ones (the seed's bug)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip or float("inf"))
+    if not (math.isfinite(train_loss) and (torch.isfinite(grad_norm) or scaler.is_enabled())):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler.is_enabled():  # also resets the scaler's per-step state after unscale_
+            scaler.update(scaler.get_scale() / 2)
+        return StepResult(train_loss, float(grad_norm), finite=False, skipped=False)
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)  # with fp16 this skips the step when gradients overflowed
+    scaler.update()
+    skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(train_loss, float(grad_norm), finite=True, skipped=skipped)
 
 
 def _new_history() -> dict:
@@ -1393,23 +1876,13 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
         while step < cfg.max_steps:
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(cfg.grad_accum_steps):
-                x, y = get_batch(data_dir, "train", cfg.batch_size, cfg.block_size, device, batch_gen)
-                with _autocast(device, dtype):
-                    _, loss = fwd(x, y)
-                loss = loss / cfg.grad_accum_steps  # the summed gradient is then the mean over micro-batches
-                scaler.scale(loss).backward()
-                loss_sum += loss.detach()
-            train_loss = loss_sum.item()
-            scaler.unscale_(optimizer)  # clip true gradients, not loss-scaled ones (the seed's bug)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or float("inf"))
-            if not (math.isfinite(train_loss) and (torch.isfinite(grad_norm) or scaler.is_enabled())):
-                # a non-finite loss never reaches the weights: drop these gradients
-                optimizer.zero_grad(set_to_none=True)
-                if scaler.is_enabled():  # also resets the scaler's per-step state after unscale_
-                    scaler.update(scaler.get_scale() / 2)
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices keep their own peak
+            batch_size, window = window_at(step, cfg)
+            batches = [get_batch(data_dir, "train", batch_size, window, device, batch_gen)
+                       for _ in range(cfg.grad_accum_steps)]
+            result = train_step(fwd, optimizer, scaler, batches, grad_clip=cfg.grad_clip, device=device, dtype=dtype)
+            train_loss = result.loss
+            if not result.finite:
                 bad_in_a_row += 1
                 history["bad_steps"] += 1
                 if bad_in_a_row >= cfg.max_bad_steps:
@@ -1420,12 +1893,7 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
                         "raise warmup_steps, or use dtype='float32' / 'bfloat16'.", history=history)
                 continue
             bad_in_a_row = 0
-            scale_before = scaler.get_scale() if scaler.is_enabled() else None
-            scaler.step(optimizer)  # with fp16 this skips the step when gradients overflowed
-            scaler.update()
-            if scaler.is_enabled() and scaler.get_scale() < scale_before:
-                history["skipped_steps"] += 1
-            optimizer.zero_grad(set_to_none=True)
+            history["skipped_steps"] += int(result.skipped)
             step += 1
 
             elapsed = time_before + time.perf_counter() - t_start
@@ -1473,33 +1941,38 @@ PRESETS = ("seed", "t4", "cpu", "smoke")
 
 
 def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
-    """Ready-made (GPTConfig, TrainConfig) pairs; ``overrides`` set fields of either by name.
+    """Ready-made (GPTConfig, TrainConfig) pairs; ``overrides`` set fields of either by name, and
+    ``arch="gpt2"`` / ``arch="llama"`` swaps the architecture bundle (fields given beside it win).
 
-    - ``"seed"``: the blog's recipe with its bugs fixed: 6/6/384, block 128, batch 32 x 32
-      accumulation, lr 1e-4 with warmup + cosine to 1e-5, 625 optimizer steps (its 20,000
-      micro-batches, ~82M tokens), dropout 0.1, weight decay 0.1, clip 0.5.
-    - ``"t4"``: the same model trained the way a 30M model wants to be: 8x the lr, 1/8 the
-      batch (so 8x the optimizer steps for the same tokens), no dropout for a sub-epoch run,
-      fp16 + padded vocabulary for the T4's tensor cores.
-    - ``"cpu"``: a narrow model that visibly learns in about 7 minutes on 2 CPU cores.
+    - ``"seed"``: the blog's recipe with its bugs fixed: GPT-2 blocks 6/6/384, block 128, batch
+      32 x 32 accumulation, AdamW at lr 1e-4 with warmup + cosine to 1e-5, 625 optimizer steps
+      (its 20,000 micro-batches, ~82M tokens), dropout 0.1, weight decay 0.1, clip 0.5.
+    - ``"t4"``: the seed's model size with the recipe that won ``bench/ablation.py``: Llama-style
+      blocks (RoPE, RMSNorm, SwiGLU, no biases), an untied head, Muon for the block matrices and
+      a 10x higher lr for the embedding table; 1/8 the seed's batch (so 8x the optimizer steps for
+      the same tokens), no dropout for a sub-epoch run, fp16 + padded vocabulary for a T4.
+    - ``"cpu"``: the same recipe on a narrow model that learns in under ten minutes on 2 CPU cores.
     - ``"smoke"``: a few seconds, for CI.
     """
+    winner = dict(arch_fields("llama"), tie_weights=False)  # the architecture that won the ablation
     if name == "seed":
         model = GPTConfig(block_size=128, n_layer=6, n_head=6, n_embd=384, dropout=0.1, bias=True)
         train_cfg = TrainConfig(learning_rate=1e-4, min_lr=1e-5, warmup_steps=31, max_steps=625,
                                 batch_size=32, block_size=128, grad_accum_steps=32, weight_decay=0.1,
                                 grad_clip=0.5, eval_interval=25, eval_tokens=131_072, patience=1000)
     elif name == "t4":
-        model = GPTConfig(block_size=128, n_layer=6, n_head=6, n_embd=384, dropout=0.0, bias=True,
-                          pad_vocab_multiple=64)
+        model = GPTConfig(block_size=128, n_layer=6, n_head=6, n_embd=384, dropout=0.0, pad_vocab_multiple=64,
+                          **winner)
         train_cfg = TrainConfig(learning_rate=8e-4, min_lr=8e-5, warmup_steps=200, max_steps=5000,
                                 batch_size=64, block_size=128, grad_accum_steps=2, weight_decay=0.1,
-                                grad_clip=1.0, eval_interval=250, eval_tokens=131_072, patience=1000)
+                                grad_clip=1.0, eval_interval=250, eval_tokens=131_072, patience=1000,
+                                optimizer="muon", muon_lr=0.02, embedding_lr=8e-3)
     elif name == "cpu":
-        model = GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True)
+        model = GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, **winner)
         train_cfg = TrainConfig(learning_rate=2e-3, min_lr=2e-4, warmup_steps=40, max_steps=800,
                                 batch_size=8, block_size=128, grad_accum_steps=1, eval_interval=100,
-                                eval_tokens=16_384, patience=1000,
+                                eval_tokens=16_384, patience=1000, optimizer="muon", muon_lr=0.02,
+                                embedding_lr=2e-2,
                                 # 16 windows' logits are 0.4 GB; at 64 they are 1.6 GB (5 GB peak)
                                 # and evaluation is 1.4-2x slower on a CPU
                                 eval_batch_size=16)
@@ -1512,9 +1985,11 @@ def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
         raise ConfigError(f"Unknown preset {name!r}. Fix: use one of {', '.join(repr(p) for p in PRESETS)}.")
     model_fields = {f.name for f in dataclasses.fields(GPTConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    if "arch" in overrides:  # a bundle first; single fields given beside it win
+        overrides = {**arch_fields(overrides.pop("arch")), **overrides}
     unknown = set(overrides) - model_fields - train_fields
     if unknown:
-        raise ConfigError(f"Unknown override(s) {sorted(unknown)}. Fix: use fields of GPTConfig "
+        raise ConfigError(f"Unknown override(s) {sorted(unknown)}. Fix: use arch=..., or fields of GPTConfig "
                           f"{sorted(model_fields)} or TrainConfig {sorted(train_fields)}.")
     model_kw = {k: v for k, v in overrides.items() if k in model_fields}
     train_kw = {k: v for k, v in overrides.items() if k in train_fields and k not in model_fields}
@@ -1598,20 +2073,32 @@ def plot_lr_schedule(cfg: TrainConfig, ax=None):
     return ax.figure
 
 
-def plot_history(history: dict, reference: float | None = None, reference_label: str = "reference"):
-    """Train and val loss against tokens (with an optional horizontal reference line), and the lr."""
+def plot_history(history: dict, reference: float | None = None, reference_label: str = "reference",
+                 baselines: dict | None = None):
+    """Train and val loss against tokens, and the lr.
+
+    ``baselines``: ``baseline_losses(data_dir)``, drawn as dotted lines (unigram and bigram) with
+    their perplexity, e^loss: the number of equally likely tokens the model is as unsure as.
+    ``reference``: one more horizontal line, e.g. a published result.
+    """
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [2, 1]})
     ax_loss.plot(history["tokens"], history["train_loss"], label="train", alpha=0.7)
     if history.get("val_loss"):
-        ax_loss.plot(history["val_tokens"], history["val_loss"], "o-", label="val (fixed windows)")
+        final = history["val_loss"][-1]
+        ax_loss.plot(history["val_tokens"], history["val_loss"], "o-",
+                     label=f"val, fixed windows ({final:.2f}, ppl {math.exp(final):,.0f})")
+    for name, color in (("unigram", "tab:gray"), ("bigram", "tab:red")):
+        if baselines and name in baselines:
+            loss = baselines[name]
+            ax_loss.axhline(loss, color=color, linestyle=":", label=f"{name} baseline ({loss:.2f}, ppl {math.exp(loss):,.0f})")
     if reference is not None:
         ax_loss.axhline(reference, color="gray", linestyle="--", label=f"{reference_label} ({reference})")
     ax_loss.set_xlabel("training tokens")
-    ax_loss.set_ylabel("cross-entropy loss")
+    ax_loss.set_ylabel("cross-entropy loss (nats per token)")
     ax_loss.set_title("loss")
-    ax_loss.legend()
+    ax_loss.legend(fontsize=8)
     ax_lr.plot(history["step"], history["lr"])
     ax_lr.set_xlabel("optimizer step")
     ax_lr.set_ylabel("learning rate")

@@ -34,6 +34,13 @@ RESUME_TRAIN = dict(learning_rate=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=1
                     block_size=16, eval_interval=4, eval_tokens=256, eval_batch_size=16, patience=100,
                     device="cpu", dtype="float32", seed=7)
 STOP_AT = 6  # after the checkpoint at step 4, before the one at step 8
+# Exact resume must hold for each architecture bundle and optimizer: (model, training) overrides.
+# The Llama variant also has GQA, an untied head and a sequence-length curriculum spanning the stop.
+RESUME_VARIANTS = {
+    "gpt2-adamw": ({}, {}),
+    "llama-muon": (dict(s.arch_fields("llama"), n_kv_head=1, tie_weights=False),
+                   dict(optimizer="muon", curriculum_steps=8, curriculum_start=4)),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,8 +53,12 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def resume_cfg(out_dir) -> s.TrainConfig:
-    return s.TrainConfig(**RESUME_TRAIN, out_dir=str(out_dir))
+def resume_cfg(out_dir, variant: str = "gpt2-adamw") -> s.TrainConfig:
+    return s.TrainConfig(**RESUME_TRAIN, **RESUME_VARIANTS[variant][1], out_dir=str(out_dir))
+
+
+def variant_model(variant: str, init_seed: int = 0) -> s.GPT:
+    return fresh_model(init_seed, **RESUME_VARIANTS[variant][0])
 
 
 def fresh_model(init_seed: int = 0, **overrides) -> s.GPT:
@@ -84,11 +95,16 @@ def ckpt_files(out_dir: Path) -> list[str]:
 # ---- 1. exact resume -------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", params=list(RESUME_VARIANTS))
+def variant(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def reference_run(shakespeare_dir, tmp_path_factory):
+def reference_run(variant, shakespeare_dir, tmp_path_factory):
     """One uninterrupted run of 12 optimizer steps: the history and final weights to match."""
-    model = fresh_model()
-    history = s.train(model, shakespeare_dir, resume_cfg(tmp_path_factory.mktemp("reference")))
+    model = variant_model(variant)
+    history = s.train(model, shakespeare_dir, resume_cfg(tmp_path_factory.mktemp("reference"), variant))
     assert len(history["train_loss"]) == RESUME_TRAIN["max_steps"]
     return history, weights(model)
 
@@ -104,16 +120,17 @@ def assert_matches_reference(reference, history, model):
     assert_same_weights(weights(model), ref_weights)
 
 
-def test_resume_after_a_stop_is_exact(reference_run, shakespeare_dir, tmp_path):
+def test_resume_after_a_stop_is_exact(variant, reference_run, shakespeare_dir, tmp_path):
     out = tmp_path / "out"
-    first = s.train(fresh_model(), shakespeare_dir, resume_cfg(out), callback=lambda step, h: step == STOP_AT)
+    first = s.train(variant_model(variant), shakespeare_dir, resume_cfg(out, variant),
+                    callback=lambda step, h: step == STOP_AT)
     assert first["stopped"] == f"stopped by callback at step {STOP_AT}"
     assert len(first["train_loss"]) == STOP_AT
     assert s.load_checkpoint(out / "last.pt")["step"] == STOP_AT  # the stop itself saved a checkpoint
 
     # differently initialised on purpose: every weight must come from the checkpoint
-    model = fresh_model(init_seed=123)
-    history = s.train(model, shakespeare_dir, resume_cfg(out), resume=True)
+    model = variant_model(variant, init_seed=123)
+    history = s.train(model, shakespeare_dir, resume_cfg(out, variant), resume=True)
     assert_matches_reference(reference_run, history, model)
 
 
@@ -138,11 +155,12 @@ sys.exit("the test should have killed this process")
 """
 
 
-def test_resume_after_sigkill_is_exact(reference_run, shakespeare_dir, tmp_path):
+def test_resume_after_sigkill_is_exact(variant, reference_run, shakespeare_dir, tmp_path):
     out, marker, script = tmp_path / "out", tmp_path / "reached_stop_step", tmp_path / "killed_run.py"
+    model_kw, train_kw = RESUME_VARIANTS[variant]
     script.write_text(KILLED_RUN.format(threads=torch.get_num_threads(), marker=str(marker), stop_at=STOP_AT,
-                                        model=RESUME_MODEL, data=str(shakespeare_dir), train=RESUME_TRAIN,
-                                        out=str(out)))
+                                        model={**RESUME_MODEL, **model_kw}, data=str(shakespeare_dir),
+                                        train={**RESUME_TRAIN, **train_kw}, out=str(out)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     log_path = tmp_path / "killed_run.log"
     with open(log_path, "wb") as log:
@@ -167,8 +185,8 @@ def test_resume_after_sigkill_is_exact(reference_run, shakespeare_dir, tmp_path)
     assert len(saved["history"]["train_loss"]) == saved["step"]
     assert not list(out.glob("*.tmp")), "a save was in flight although the kill came between saves"
 
-    model = fresh_model(init_seed=321)
-    history = s.train(model, shakespeare_dir, resume_cfg(out), resume=True)
+    model = variant_model(variant, init_seed=321)
+    history = s.train(model, shakespeare_dir, resume_cfg(out, variant), resume=True)
     assert_matches_reference(reference_run, history, model)
 
 
