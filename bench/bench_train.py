@@ -5,18 +5,16 @@ random windows, from identically seeded generators), the same number of warm-up 
 steps, interleaved step by step. One step is one micro-batch plus one optimizer step.
 
 - "reference": bench/reference_gpt.py, the notebook-style model and loop.
-- "slm_utils": slm_utils.GPT with the step exactly as slm_utils.train() takes it: AdamW from
-  configure_optimizer, autocast per choose_amp_dtype, GradScaler for fp16, unscale, clip,
+- "slm_utils": slm_utils.GPT stepped by slm_utils.train_step, the step train() takes: AdamW
+  from configure_optimizer, autocast per choose_amp_dtype, GradScaler for fp16, unscale, clip,
   the finiteness check, step. A separate row runs slm_utils.train() itself, to show the
-  mirrored step does not flatter it.
+  loop around the step costs little.
 - On CUDA, the levers, each switched off (or on, for torch.compile) from the slm_utils row.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import shutil
 import statistics
 import tempfile
@@ -97,12 +95,6 @@ def default_variants(device: torch.device, levers: bool, grid_dtypes: list[str],
     return [dataclasses.replace(v, name=" = ".join(seen[dataclasses.replace(v, name="")])) for v in unique]
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _plain_loader(data_dir, batch_size, block_size, device, generator):
     """The same windows slm_utils.get_batch draws, in the same one (B, T+1) copy, but a plain
     ``.to(device)`` from pageable memory: the "pinned loads off" lever changes only the pinning."""
@@ -142,32 +134,20 @@ class Contender:
                 return S.get_batch(data_dir, "train", batch_size, self.block_size, device, gen)
         else:
             loader = _plain_loader(data_dir, batch_size, self.block_size, device, gen)
-        scaler = torch.amp.GradScaler(device.type, enabled=(self.dtype == torch.float16 and device.type == "cuda"))
+        scaler = torch.amp.GradScaler(device.type, enabled=(self.dtype == torch.float16))  # as train() has it
         fwd = torch.compile(self.model) if v.compile else self.model
         self.forward = fwd
-        model, dtype, clip = self.model, self.dtype, tcfg.grad_clip
+        dtype, clip = self.dtype, tcfg.grad_clip
         state = {"step": 0}
         self.model.train()
 
-        def step():  # the body of slm_utils.train()'s loop, with grad_accum_steps = 1
+        def step():  # what slm_utils.train() does per optimizer step, with grad_accum_steps = 1
             lr = S.get_lr(state["step"], tcfg)
             for group in opt.param_groups:
-                group["lr"] = lr
-            x, y = loader()
-            with _autocast(device, dtype):
-                _, loss = fwd(x, y)
-            scaler.scale(loss).backward()
-            train_loss = loss.detach().item()
-            scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            if not (math.isfinite(train_loss) and (torch.isfinite(grad_norm) or scaler.is_enabled())):
-                opt.zero_grad(set_to_none=True)
-                return loss
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            state["step"] += 1
-            return loss
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            result = S.train_step(fwd, opt, scaler, [loader()], grad_clip=clip, device=device, dtype=dtype)
+            state["step"] += int(result.finite)
+            return result
 
         self.step = step
 
@@ -178,7 +158,7 @@ class Contender:
 
         def run():
             self.model.eval()
-            with torch.no_grad(), _autocast(self.device, self.dtype):
+            with torch.no_grad(), S._autocast(self.device, self.dtype):
                 _, loss = self.forward(x, y)
             loss.item()
             self.model.train()

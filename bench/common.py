@@ -183,11 +183,12 @@ FLOPS_FORMULA = ("FLOPs per token = 6 * N + 12 * n_layer * n_embd * T, where N c
 
 
 def flops_per_token(model, block_size: int) -> float:
-    """``FLOPS_FORMULA`` for a slm_utils.GPT (or anything with the same ``config`` and ``transformer.wpe``)."""
+    """``FLOPS_FORMULA`` for a slm_utils.GPT (or anything with the same ``config`` and ``transformer``)."""
     cfg = model.config
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     n_params -= (getattr(cfg, "padded_vocab_size", cfg.vocab_size) - cfg.vocab_size) * cfg.n_embd
-    n_params -= model.transformer.wpe.weight.numel()
+    if "wpe" in model.transformer:  # a rotary model has no position table
+        n_params -= model.transformer.wpe.weight.numel()
     return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * block_size
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check on one CUDA GPU; every figure lands as JSON in OUTDIR. Each step below has a time
-# limit, and the limits add up to 8 minutes.
+# limit, and the limits add up to 12 minutes.
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
@@ -11,10 +11,12 @@
 #    lever switched off in turn (padded vocabulary, fused AdamW, pinned loads), and the fp16 (+
 #    GradScaler) and bf16 paths with torch.compile off and on. Also the evaluation share of
 #    compute and the derived T4 estimate. -> OUTDIR/train.json (+ summary.json, summary.md)
-# 2. Timed runs to a target val loss: prepare the embedded Shakespeare corpus, train the "t4"
-#    preset for at most 400 steps, stop once the val loss on fixed windows reaches the bigram
-#    baseline (see bench/time_to_loss.py for why that target); once eager, once with
-#    torch.compile (its warm-up counted). -> OUTDIR/time_to_loss.json, time_to_loss_compiled.json
+# 2. Timed runs to two target val losses, the bigram baseline and 0.5 below it (see
+#    bench/time_to_loss.py): on the embedded Shakespeare corpus, the "t4" preset's recipe and the
+#    old GPT-2 + AdamW recipe, each eager and with torch.compile (its warm-up counted), at most 400
+#    steps; the new recipe in fp16 + GradScaler, as a T4 runs it, with Muon's fp16 path; and the
+#    seed's recipe, long enough to pass the bigram baseline, so the tokens each recipe needs to
+#    get there compare fairly. -> OUTDIR/time_to_loss{,_compiled,_old,_old_compiled,_fp16,_seed}.json
 # 3. The notebook's GPU path, which CI (CPU only) never runs: every code cell in order as a plain
 #    script (bench/notebook_as_script.py), "t4" preset cut to 300 steps. -> OUTDIR/notebook.log
 # 4. The headline figures in one file. -> OUTDIR/gpu_check.json
@@ -38,6 +40,7 @@ if [ "${SLM_GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   TRAIN_ARGS=(--device cpu --quick --shape tiny --batch-size 4 --warmup 1 --steps 2
               --levers --skip-compile --grid-dtypes bfloat16 --grid-compile off)
   TTL_ARGS=(--device cpu --shape tiny --max-steps 6 --batch-size 4 --eval-interval 2 --eval-tokens 256)
+  SEED_TTL_ARGS=(--device cpu --shape tiny --max-steps 3 --batch-size 2 --eval-interval 1 --eval-tokens 256)
   NB_ARGS=(--preset cpu --max-steps 4)
 else
   "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: bench/gpu_check.sh needs a GPU')"
@@ -46,6 +49,7 @@ else
   TRAIN_ARGS=(--device cuda --warmup 3 --steps 6
               --grid-dtypes float16,bfloat16 --grid-compile off,on)
   TTL_ARGS=(--device cuda --max-steps 400 --eval-interval 20)
+  SEED_TTL_ARGS=(--device cuda --max-steps 150 --eval-interval 5)
   NB_ARGS=(--preset t4 --max-steps 300)
 fi
 
@@ -65,10 +69,18 @@ step() {  # step NAME SECONDS LOG COMMAND...: run it under a time limit, log it,
 # in a dry run the GPU tests only report themselves skipped
 step "GPU unit tests" 75 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step "training throughput" 160 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
-step "time to target val loss, eager" 60 "$OUT/time_to_loss.log" \
-  "$PY" bench/time_to_loss.py --out "$OUT/time_to_loss.json" "${TTL_ARGS[@]}"
-step "time to target val loss, compiled" 75 "$OUT/time_to_loss_compiled.log" \
-  "$PY" bench/time_to_loss.py --out "$OUT/time_to_loss_compiled.json" --compile "${TTL_ARGS[@]}"
+for recipe in new old; do
+  tag=$([ "$recipe" = old ] && echo "_old" || echo "")
+  step "time to target val loss, $recipe recipe, eager" 50 "$OUT/time_to_loss$tag.log" \
+    "$PY" bench/time_to_loss.py --recipe "$recipe" --out "$OUT/time_to_loss$tag.json" "${TTL_ARGS[@]}"
+  step "time to target val loss, $recipe recipe, compiled" 70 "$OUT/time_to_loss${tag}_compiled.log" \
+    "$PY" bench/time_to_loss.py --recipe "$recipe" --out "$OUT/time_to_loss${tag}_compiled.json" --compile "${TTL_ARGS[@]}"
+done
+step "time to target val loss, new recipe, fp16 + GradScaler (as on a T4)" 50 "$OUT/time_to_loss_fp16.log" \
+  "$PY" bench/time_to_loss.py --recipe new --dtype float16 --out "$OUT/time_to_loss_fp16.json" "${TTL_ARGS[@]}"
+# the seed's recipe takes 131K tokens per step: 150 steps (20M tokens), evaluated every 5
+step "time to target val loss, seed recipe" 75 "$OUT/time_to_loss_seed.log" \
+  "$PY" bench/time_to_loss.py --recipe seed --out "$OUT/time_to_loss_seed.json" "${SEED_TTL_ARGS[@]}"
 NB_WORK="$(mktemp -d)"  # token files and checkpoints: large, and not figures
 step "the notebook's GPU path" 110 "$OUT/notebook.log" \
   "$PY" bench/notebook_as_script.py --out-dir "$NB_WORK" "${NB_ARGS[@]}"
@@ -106,11 +118,13 @@ if train:
         "t4_estimate": train.get("t4_estimate"),
         "eval_share": {k: v["fraction"] for k, v in train["eval_cost"].items() if isinstance(v, dict)},
     })
-for key, name in (("time_to_loss", "time_to_loss.json"), ("time_to_loss_compiled", "time_to_loss_compiled.json")):
-    ttl = load(name)
+for key in ("time_to_loss", "time_to_loss_compiled", "time_to_loss_old", "time_to_loss_old_compiled",
+            "time_to_loss_fp16", "time_to_loss_seed"):
+    ttl = load(key + ".json")
     if ttl:
-        summary[key] = {k: ttl[k] for k in ("target", "target_source", "reached", "seconds_to_target",
-                                            "time_to_target", "seconds_to_levels", "tokens_per_s",
+        summary[key] = {k: ttl[k] for k in ("recipe", "target", "harder_target", "target_source", "reached",
+                                            "seconds_to_target", "time_to_target", "seconds_to_harder",
+                                            "time_to_harder", "seconds_to_levels", "tokens_per_s",
                                             "best_val_loss", "train_config")}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
 print(json.dumps(summary, indent=2))
