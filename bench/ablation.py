@@ -136,6 +136,7 @@ def run_one(spec: dict) -> dict:
         t0 = time.perf_counter()
         h = S.train(model, spec["data_dir"], t)
         seconds = time.perf_counter() - t0
+    spec = {k: v for k, v in spec.items() if k != "data_dir"}  # a temporary folder: not worth keeping
     return {**spec, "tokens": [0] + h["val_tokens"], "val": [init] + h["val_loss"], "seconds": seconds,
             "params": S.count_parameters(model)["total"], "tokens_per_step": t.tokens_per_step}
 
