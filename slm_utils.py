@@ -1244,7 +1244,7 @@ class TrainConfig:
     muon_lr: float = 0.02  # peak lr of the Muon matrices; follows the same warmup + cosine shape
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
     muon_ns_dtype: str = "auto"  # Newton-Schulz precision: "auto" (bf16 on sm80+, fp16 below, fp32 on CPU)
-    curriculum_steps: int = 0  # optimizer steps of short windows first (0: off); tokens per step stay fixed
+    curriculum_steps: int = 0  # steps of the curriculum, its last stage at full length (0: off); tokens/step fixed
     curriculum_start: int = 32  # the first window length; doubles in equal stages up to block_size
 
     def __post_init__(self):
@@ -1312,8 +1312,10 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 def window_at(step: int, cfg: TrainConfig) -> tuple[int, int]:
     """(batch size, window length) of the micro-batches at optimizer step ``step``.
 
-    The sequence-length curriculum: for the first ``curriculum_steps`` steps the windows are
-    short, ``curriculum_start`` tokens, doubling in equal stages up to ``block_size``. The batch
+    The sequence-length curriculum: the first ``curriculum_steps`` steps are cut into equal
+    stages whose windows are ``curriculum_start`` tokens, then twice that, and so on up to
+    ``block_size``, the last stage (``"cpu"``: 32, 64, 128 tokens over steps 0-66, 67-133,
+    134-199). The batch
     grows as the window shrinks, so every step still trains on ``tokens_per_step`` tokens. Short
     windows are cheaper (attention is quadratic in length) and the first things a model learns,
     which token follows which, need no long context.
@@ -1965,7 +1967,7 @@ def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
       a 10x higher lr for the embedding table; 1/8 the seed's batch (so 8x the optimizer steps for
       the same tokens), no dropout for a sub-epoch run, fp16 + padded vocabulary for a T4.
     - ``"cpu"``: the same recipe on a narrow model, about ten minutes on 2 CPU cores, with a
-      sequence-length curriculum (32-, then 64-token windows) over its first quarter.
+      sequence-length curriculum (32-, then 64-token windows) over its first 134 steps.
     - ``"smoke"``: a few seconds, for CI.
     """
     winner = dict(arch_fields("llama"), tie_weights=False)  # the architecture that won the ablation
