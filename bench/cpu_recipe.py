@@ -10,7 +10,7 @@ the same seed, evaluated every 100 steps on the same fixed validation windows, a
 bigram baseline of ``slm_utils.baseline_losses``. Values of ``--set`` are Python literals.
 
 ``--compare-old N`` trains nothing to the end: it times N optimizer steps (``slm_utils.train_step``)
-of the preset and of the preset's old recipe (``OLD_CPU``: GPT-2 blocks, tied head, AdamW),
+of the preset and of the preset's old recipe (``common.OLD_RECIPE``: GPT-2 blocks, tied head, AdamW, no curriculum),
 interleaved step by step so both see the same machine, and reports the median tokens/s of each.
 """
 
@@ -28,14 +28,12 @@ import torch
 
 import slm_utils as S
 
-# The "cpu" preset's recipe before the architecture and optimizer options
-OLD_CPU = dict(arch="gpt2", n_kv_head=None, tie_weights=True, optimizer="adamw", embedding_lr=None)
 
 
 def compare_old(data_dir, steps: int) -> dict:
-    """Median tokens/s of the preset and of OLD_CPU, timed step by step in turn."""
+    """Median tokens/s of the preset and of common.OLD_RECIPE, timed step by step in turn."""
     runs = {}
-    for name, over in (("new", {}), ("old", OLD_CPU)):
+    for name, over in (("new", {}), ("old", common.OLD_RECIPE)):
         model_cfg, cfg = S.preset("cpu", **over)
         torch.manual_seed(cfg.seed)
         model = S.GPT(model_cfg)

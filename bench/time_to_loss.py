@@ -42,8 +42,7 @@ import slm_utils as S  # noqa: E402
 LEVELS = (7.0, 6.5, 6.0, 5.75, 5.5, 5.25, 5.0, 4.75, 4.5)
 
 # The "t4" preset's recipe before the architecture and optimizer options: what --recipe old trains.
-OLD_T4 = dict(arch="gpt2", n_kv_head=None, tie_weights=True, optimizer="adamw", embedding_lr=None,
-              learning_rate=8e-4, min_lr=8e-5, curriculum_steps=0)
+OLD_T4 = dict(common.OLD_RECIPE, learning_rate=8e-4, min_lr=8e-5)
 
 
 def parse_args(argv=None):
