@@ -694,6 +694,36 @@ def baseline_losses(data_dir, *, tune_fraction: float = 0.1) -> dict:
     return losses
 
 
+def cap_vocabulary(src, dst, keep: int = 4096) -> dict:
+    """Relabel a prepared corpus in ``src`` to ``keep`` ids, written to ``dst``: the ``keep - 1``
+    most frequent training ids (most frequent first) and one shared id for all the rest.
+
+    A 4,096-row output layer instead of 50,257 makes small experiments (the ablation, the
+    exercises' tests) several times cheaper on a CPU, while most tokens keep their identity.
+    """
+    src, dst = Path(src), Path(dst)
+    if not 2 <= keep <= GPT2_VOCAB_SIZE:
+        raise ConfigError(f"keep={keep} must be between 2 and {GPT2_VOCAB_SIZE}. Fix: e.g. keep=4096.")
+    meta = read_meta(src)
+    train = np.fromfile(src / "train.bin", dtype=np.uint16)
+    val = np.fromfile(src / "val.bin", dtype=np.uint16)
+    counts = np.bincount(train, minlength=meta["vocab_size"])
+    lut = np.full(len(counts), keep - 1, dtype=np.uint16)  # old id -> new id
+    top = np.argsort(-counts, kind="stable")[: keep - 1]
+    lut[top] = np.arange(keep - 1, dtype=np.uint16)
+    ensure_writable(dst, "the capped corpus")
+    lut[train].tofile(dst / "train.bin")
+    lut[val].tofile(dst / "val.bin")
+    meta = {**meta, "vocab_size": keep, "eot_token": int(lut[meta.get("eot_token", EOT_TOKEN)]),
+            "source": meta["source"] + f", vocabulary cut to {keep} ids",
+            "kept_share_train": float(counts[top].sum() / counts.sum())}
+    for key in ("reused", "note"):
+        meta.pop(key, None)
+    (dst / "meta.json").write_text(json.dumps(meta, indent=2))
+    read_meta(dst)  # the files check out as a prepared corpus
+    return meta
+
+
 # =====================================================================================
 # 4. Model
 # =====================================================================================
@@ -726,6 +756,7 @@ class GPTConfig:
     norm_eps: float = 1e-5  # added to the variance in every norm
     mlp: str = "gelu"  # "gelu" (4x wide, GPT-2) or "swiglu" (gated, 8/3x wide, Llama)
     mlp_hidden: int | None = None  # hidden width of the MLP; None = the default of the mlp kind
+    gelu_approximate: str = "none"  # "none" (exact erf GELU) or "tanh" (GPT-2's own weights were trained with it)
     tie_weights: bool = True  # lm_head shares the token-embedding matrix
 
     def __post_init__(self):
@@ -737,7 +768,7 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1).")
         for name, allowed in (("pos_emb", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                              ("mlp", ("gelu", "swiglu"))):
+                              ("mlp", ("gelu", "swiglu")), ("gelu_approximate", ("none", "tanh"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"GPTConfig.{name}={getattr(self, name)!r} is not one of {allowed}. "
                                   f"Fix: use {' or '.join(map(repr, allowed))}.")
@@ -915,7 +946,7 @@ class MLP(nn.Module):
         self.gated = config.mlp == "swiglu"
         hidden = config.hidden_size
         self.c_fc = nn.Linear(config.n_embd, (2 if self.gated else 1) * hidden, bias=config.bias)
-        self.act = nn.SiLU() if self.gated else nn.GELU()
+        self.act = nn.SiLU() if self.gated else nn.GELU(approximate=config.gelu_approximate)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -939,8 +970,12 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
+        self.residual = True  # False only in layer_grad_norms' demo of a stack without shortcuts
 
     def forward(self, x, cache: KVCache | None = None, layer: int = 0, rope=None):
+        if not self.residual:
+            x = self.attn(self.ln_1(x), cache, layer, rope)
+            return self.mlp(self.ln_2(x))
         x = x + self.attn(self.ln_1(x), cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
@@ -2045,6 +2080,31 @@ def per_token_loss(model: GPT, idx: torch.Tensor) -> torch.Tensor:
         logits, _ = model(idx[:, :-1])
         return F.cross_entropy(logits[0].float(), idx[0, 1:], reduction="none").cpu()
     finally:
+        model.train(was_training)
+
+
+def layer_grad_norms(model: GPT, idx: torch.Tensor, targets: torch.Tensor, *, residual: bool = True) -> list[float]:
+    """Gradient norm of each block's weights after one backward pass on (idx, targets).
+
+    ``residual=False`` drops the shortcut ``x +`` around attention and MLP in every block, so the
+    gradient must pass through every layer's weights on its way down. The model is left as it
+    was, with no gradients kept.
+    """
+    blocks = list(model.transformer.h)
+    was_training = model.training
+    model.eval()  # no dropout: the two runs differ only in the shortcuts
+    try:
+        for b in blocks:
+            b.residual = residual
+        model.zero_grad(set_to_none=True)
+        _, loss = model(idx, targets)
+        loss.backward()
+        return [math.sqrt(sum(float(p.grad.pow(2).sum()) for p in b.parameters() if p.grad is not None))
+                for b in blocks]
+    finally:
+        for b in blocks:
+            b.residual = True
+        model.zero_grad(set_to_none=True)
         model.train(was_training)
 
 

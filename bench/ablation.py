@@ -83,29 +83,6 @@ PRECISION_VARIANTS = {
 VOCAB = 4096  # the 4,095 most frequent training ids keep their own id; every other id becomes id 4,095
 
 
-def cap_vocabulary(src: Path, dst: Path, keep: int = VOCAB) -> dict:
-    """Relabel a prepared corpus to ``keep`` ids: the most frequent ``keep - 1`` training ids
-    (most frequent first) and one shared id for the rest."""
-    meta = S.read_meta(src)
-    train = np.fromfile(src / "train.bin", dtype=np.uint16)
-    val = np.fromfile(src / "val.bin", dtype=np.uint16)
-    counts = np.bincount(train, minlength=S.GPT2_VOCAB_SIZE)
-    lut = np.full(S.GPT2_VOCAB_SIZE, keep - 1, dtype=np.uint16)
-    top = np.argsort(-counts, kind="stable")[: keep - 1]
-    lut[top] = np.arange(keep - 1, dtype=np.uint16)
-    dst.mkdir(parents=True, exist_ok=True)
-    lut[train].tofile(dst / "train.bin")
-    lut[val].tofile(dst / "val.bin")
-    meta = {**meta, "vocab_size": keep, "eot_token": int(lut[S.EOT_TOKEN]),
-            "source": meta["source"] + f", vocabulary cut to {keep} ids",
-            "kept_share_train": float(counts[top].sum() / counts.sum())}
-    for key in ("reused", "note"):
-        meta.pop(key, None)
-    (dst / "meta.json").write_text(json.dumps(meta, indent=2))
-    S.read_meta(dst)  # the files check out as a prepared corpus
-    return meta
-
-
 def recipe_configs(changes: dict, multiplier: float, seed: int, steps: int, vocab: int, eval_tokens: int,
                    out_dir: str) -> tuple[S.GPTConfig, S.TrainConfig]:
     model_fields = {f.name for f in dataclasses.fields(S.GPTConfig)}
@@ -296,7 +273,7 @@ def main(argv=None) -> int:
     recipes = {k: CHANGES[k] for k in (args.recipes.split(",") if args.recipes else CHANGES)}
     work = Path(tempfile.mkdtemp(prefix="ablation-"))
     S.prepare_data("shakespeare", work / "full")
-    meta = cap_vocabulary(work / "full", work / "capped")
+    meta = S.cap_vocabulary(work / "full", work / "capped", VOCAB)
     data_dir, vocab = str(work / "capped"), meta["vocab_size"]
     baselines = S.baseline_losses(data_dir)
     eval_tokens = 4096 if args.quick else 8192

@@ -1,12 +1,14 @@
 """The model and sampling: parameter counts, init loss, causality, both attention paths,
 padded vocabulary, the KV cache, and top-k / top-p filtering."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from helpers import copy_into_padded
 
+import slm_utils
 from slm_utils import (
     GPT,
     ConfigError,
@@ -367,3 +369,24 @@ def test_sampling_draws_only_from_the_kept_set():
     drawn = set(sample_next(logits, 1.0, top_p=0.8, generator=gen).flatten().tolist())
     assert drawn == {1, 2}
     assert torch.equal(sample_next(logits, 0.0).flatten(), torch.full((2000,), 1))
+
+
+def test_layer_grad_norms_show_the_residual_path(tiny_config):
+    """Without shortcuts the gradient fades with depth; with them every block gets a similar one."""
+    torch.manual_seed(0)
+    model = slm_utils.GPT(dataclasses.replace(tiny_config, n_layer=12))
+    idx = torch.randint(0, tiny_config.vocab_size, (2, 16))
+    with_path = slm_utils.layer_grad_norms(model, idx, idx)
+    without = slm_utils.layer_grad_norms(model, idx, idx, residual=False)
+    assert max(with_path) / min(with_path) < 2
+    assert without[0] < 0.1 * without[-1]
+    assert all(b.residual for b in model.transformer.h) and all(p.grad is None for p in model.parameters())
+
+
+def test_tanh_gelu_is_an_option():
+    """GPT-2's own weights were trained with the tanh approximation; exact erf is the default."""
+    exact = slm_utils.MLP(slm_utils.GPTConfig(n_embd=8, n_head=2))
+    tanh = slm_utils.MLP(slm_utils.GPTConfig(n_embd=8, n_head=2, gelu_approximate="tanh"))
+    assert exact.act.approximate == "none" and tanh.act.approximate == "tanh"
+    with pytest.raises(slm_utils.ConfigError, match="gelu_approximate"):
+        slm_utils.GPTConfig(gelu_approximate="sigmoid")
