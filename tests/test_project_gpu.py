@@ -1,0 +1,182 @@
+"""Fast checks of bench/project_gpu.py, the roofline projection of GPU speed (no GPU needed).
+
+Everything is traced on the meta device, so these run in seconds on a CPU.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import slm_utils
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "project_gpu.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("project_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+pg = _load()
+
+
+def small_config(**fields) -> slm_utils.GPTConfig:
+    base = dict(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True)
+    return slm_utils.GPTConfig(**{**base, **fields})
+
+
+def small_train_config(**fields) -> slm_utils.TrainConfig:
+    base = dict(batch_size=4, block_size=32, max_steps=20, warmup_steps=2, eval_interval=10, eval_tokens=256,
+                eval_batch_size=4)
+    return slm_utils.TrainConfig(**{**base, **fields})
+
+
+def test_import_does_not_pull_in_torch():
+    code = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('p', {str(SCRIPT)!r}); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "print('torch' in sys.modules, 'numpy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_forward_flops_match_2n_per_token_plus_attention(arch):
+    mcfg = small_config(**slm_utils.arch_fields(arch))
+    B, T = 4, mcfg.block_size
+    trace = pg.trace_forward(mcfg, B, T)
+    info = pg.model_info(mcfg, T)
+    # the forward is a third of 6 N + 12 L C T per token
+    expected = B * T * (2 * info["matmul_params"] + 4 * mcfg.n_layer * mcfg.n_embd * T)
+    assert trace.flops(("forward",)) == pytest.approx(expected, rel=0.03)
+
+
+def test_traced_ops_move_bytes_and_autocast_reaches_the_matmuls():
+    mcfg = small_config()
+    amp = pg.trace_forward(mcfg, 4)
+    kernels = [op for op in amp.ops if op.kind not in ("view", "alloc")]
+    assert kernels and all(op.bytes > 0 for op in kernels)
+    assert amp.bytes() > 0
+    matmuls = [op for op in amp.ops if op.kind in ("matmul", "attention")]
+    assert matmuls and all(op.tensor_core for op in matmuls)  # bf16 under the emulated autocast
+    fp32 = pg.trace_forward(mcfg, 4, amp=False)
+    assert not any(op.tensor_core for op in fp32.ops if op.kind == "matmul")
+    assert all(op.bytes == 0 for op in amp.ops if op.kind == "view")
+
+
+@pytest.fixture(scope="module")
+def train_trace():
+    mcfg, tcfg = small_config(), small_train_config(grad_accum_steps=2, optimizer="muon")
+    return mcfg, tcfg, pg.trace_train_step(mcfg, tcfg)
+
+
+def test_train_step_trace_has_every_part(train_trace):
+    _, _, trace = train_trace
+    regions = {(op.region, op.micro) for op in trace.ops}
+    for part in [("forward", 0), ("backward", 0), ("forward", 1), ("backward", 1), ("optimizer", 1), ("tail", 1)]:
+        assert part in regions
+    names = {op.name for op in trace.ops}
+    assert "_fused_adamw_" in names and "_foreach_norm" in names  # GPU's fused AdamW and foreach clipping
+    assert trace.peak_live >= trace.saved > 0
+
+
+def test_checkpoint_size_is_weights_and_optimizer_state(train_trace):
+    mcfg, _, trace = train_trace
+    model = pg._meta_model(mcfg)
+    stored = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    muon = sum(p.numel() for _, p in slm_utils.muon_parameters(model))
+    # fp32 weights, AdamW's two moments for the rest, Muon's one momentum (+ AdamW's step counters)
+    expected = 4 * stored + 8 * (stored - muon) + 4 * muon
+    assert trace.info["checkpoint_bytes"] == pytest.approx(expected, rel=0.01)
+
+
+def test_time_is_monotone_in_chip_speed_and_compile_helps(train_trace):
+    _, tcfg, trace = train_trace
+    for mode in ("eager", "compiled"):
+        t = {c: pg.step_cost(trace, tcfg, pg.CHIPS[c], mode)["step_s"] for c in ("H100", "A100-40GB", "T4")}
+        assert t["H100"] < t["A100-40GB"] < t["T4"]
+    for chip in pg.CHIPS.values():
+        eager = pg.step_cost(trace, tcfg, chip, "eager")
+        compiled = pg.step_cost(trace, tcfg, chip, "compiled")
+        assert compiled["step_s"] <= eager["step_s"]
+        assert eager["overlapped_s"] <= eager["step_s"]
+
+
+def test_decode_step_reads_the_weights_once():
+    mcfg = small_config()
+    trace = pg.trace_decode_step(mcfg)
+    info = pg.model_info(mcfg, mcfg.block_size)
+    assert sum(op.kind == "attention" for op in trace.ops) == mcfg.n_layer
+    expected = 2 * info["matmul_params"] + 4 * mcfg.n_layer * mcfg.n_embd * (trace.info["cache_len"] + 1)
+    assert trace.flops() == pytest.approx(expected, rel=0.05)
+    weights = 4 * info["matmul_params"]  # fp32: generate runs without autocast
+    assert trace.bytes() >= weights
+
+
+def test_device_names_map_to_chips():
+    assert pg.chip_for_device_name("Tesla T4") == "T4"
+    assert pg.chip_for_device_name("NVIDIA L4") == "L4"
+    assert pg.chip_for_device_name("NVIDIA A100-SXM4-40GB") == "A100-40GB"
+    assert pg.chip_for_device_name("NVIDIA A100-SXM4-80GB") == "A100-80GB"
+    assert pg.chip_for_device_name("NVIDIA H100 80GB HBM3") == "H100"
+    assert pg.chip_for_device_name("NVIDIA H200") == "H200"
+    assert pg.chip_for_device_name("NVIDIA H100 PCIe") is None  # another chip: 756 TFLOPS, 2 TB/s
+    assert pg.chip_for_device_name("NVIDIA GeForce RTX 4090") is None
+    assert pg.chip_for_device_name("") is None
+
+
+def test_expected_time_reads_what_main_wrote(tmp_path):
+    out = tmp_path / "projection.json"
+    pg.main(["--presets", "smoke", "--chips", "T4", "H100", "--sweep", "--no-calibration", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert set(data["presets"]["smoke"]) == {"T4", "H100"}
+    got = pg.expected_time("smoke", "Tesla T4", path=out)
+    assert got["chip"] == "T4"
+    assert got["eager"] == data["presets"]["smoke"]["T4"]["eager"]
+    assert got["compiled"]["total_s"] <= got["eager"]["total_s"]
+    assert "min" in got["summary"]
+    assert pg.expected_time("smoke", "Some Unknown GPU", path=out) is None
+    assert pg.expected_time("seed", "Tesla T4", path=out) is None  # preset not projected
+    assert pg.expected_time("smoke", "Tesla T4", path=tmp_path / "missing.json") is None
+    shorter = pg.expected_time("smoke", "Tesla T4", path=out, max_steps=6)
+    assert shorter["eager"]["train_s"] == pytest.approx(got["eager"]["train_s"] / 2)
+
+
+def test_shortened_schedule_matches_scale_schedule():
+    _, cfg = slm_utils.preset("t4")
+    run = {"max_steps": cfg.max_steps, "eval_interval": cfg.eval_interval, "eval_tokens": cfg.eval_tokens,
+           "block_size": cfg.block_size, "eval_batch_size": cfg.eval_batch_size}
+    for steps in (300, 1000, 5000):
+        ours = pg._scaled_run(run, steps)
+        theirs = slm_utils.scale_schedule(cfg, steps)
+        assert (ours["eval_interval"], ours["eval_tokens"]) == (theirs.eval_interval, theirs.eval_tokens)
+
+
+def test_memory_timeline_matches_what_a_cpu_step_allocates():
+    """The tracer's peak of live tensors equals the CPU allocator's, for the same step in fp32."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    mcfg = small_config(vocab_size=2048, block_size=64, n_embd=64)
+    tcfg = small_train_config(batch_size=8, block_size=64, muon_ns_dtype="float32")
+    torch.manual_seed(0)
+    model = slm_utils.GPT(mcfg)
+    optimizer = slm_utils.configure_optimizer(model, tcfg, "cpu")
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x = torch.randint(0, mcfg.vocab_size, (tcfg.batch_size, tcfg.block_size))
+    slm_utils.train_step(model, optimizer, scaler, [(x, x)])  # creates the optimizer state, as the tracer's warm-up
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        slm_utils.train_step(model, optimizer, scaler, [(x, x)])
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    traced = pg.trace_train_step(mcfg, tcfg, amp=False)
+    assert traced.peak_live == pytest.approx(peak, rel=0.02)
