@@ -1289,6 +1289,8 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"...
     seed: int = 1337  # seeds init, dropout and batch sampling
     out_dir: str = "out"  # where checkpoints ('last.pt', 'best.pt') go
+    best_weights_only: bool = True  # best.pt without optimizer state (resuming reads last.pt): fewer bytes
+    last_every_s: float = 0.0  # write last.pt at an evaluation only after this many seconds (0: at every one)
     embedding_lr: float | None = None  # peak lr of the embedding tables (wte, wpe), not decayed; None: as matrices
     optimizer: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest
     muon_lr: float = 0.02  # peak lr of the Muon matrices; follows the same warmup + cosine shape
@@ -1299,6 +1301,9 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if not self.last_every_s >= 0:
+            raise ConfigError(f"last_every_s={self.last_every_s} must be >= 0. Fix: 0 writes last.pt at every "
+                              "evaluation; e.g. 300 writes it at most every 5 minutes.")
         for name in ("max_steps", "batch_size", "block_size", "grad_accum_steps", "eval_interval",
                      "eval_tokens", "eval_batch_size", "patience", "max_bad_steps"):
             if getattr(self, name) < 1:
@@ -1920,8 +1925,10 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
 
     Per optimizer step: set every group's lr (``get_lr`` times the group's ``lr_scale``), draw
     ``grad_accum_steps`` micro-batches of the window ``window_at`` gives, and ``train_step``. Every
-    ``eval_interval`` steps: val loss on fixed windows, ``best.pt`` on improvement, ``last.pt``
-    always, early stop after ``patience`` evaluations without improvement. ``callback(step,
+    ``eval_interval`` steps: val loss on fixed windows, ``best.pt`` on improvement (the weights
+    only, unless ``best_weights_only=False``), ``last.pt`` (everything resuming needs) at every
+    evaluation or, with ``last_every_s``, once that many seconds have passed and always at the end;
+    early stop after ``patience`` evaluations without improvement. ``callback(step,
     history)`` runs after every step; returning True stops training (a checkpoint is saved).
     ``resume=True`` continues exactly from ``out_dir/last.pt``.
 
@@ -2003,6 +2010,20 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
                             extra={"evals_since_best": evals_since_best, "world_size": world,
                                    "rng_ranks": rng_ranks if world > 1 else None}, copies=copies)
 
+    def save_best():  # the weights (and history, config) only: sampling and export need no optimizer
+        if rank == 0:
+            save_checkpoint(best_path, raw, step=step, best_val_loss=best_val, train_config=cfg, history=history,
+                            data_meta=meta, extra={"weights_only": True})
+
+    def agree(flag: bool) -> bool:  # one decision for every process (any of them says yes)
+        if world == 1:
+            return flag
+        t = torch.tensor(float(flag), device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    last_saved = time.perf_counter()
+
     def evaluate() -> float:
         if world == 1:
             return estimate_loss(fwd, eval_x, eval_y, cfg.eval_batch_size, device, dtype)
@@ -2054,11 +2075,8 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{history['tokens_per_s']:,.0f}")
 
-            stop = bool(callback(step, history)) if callback is not None else False
-            if world > 1:  # one process asking to stop stops them all, at the same step
-                flag = torch.tensor(float(stop), device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                stop = bool(flag.item())
+            # one process asking to stop stops them all, at the same step
+            stop = agree(bool(callback(step, history)) if callback is not None else False)
             if step % cfg.eval_interval == 0 or step == cfg.max_steps:
                 val_loss = evaluate()
                 history["val_step"].append(step)
@@ -2069,8 +2087,18 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
                     history["best_val_loss"], history["best_step"] = val_loss, step
                 else:
                     evals_since_best += 1
-                # on improvement best.pt gets the same bytes as last.pt, from one serialization
-                checkpoint(last_path, copies=[best_path] if evals_since_best == 0 else [])
+                improved, final = evals_since_best == 0, step == cfg.max_steps or evals_since_best >= cfg.patience
+                # last.pt (everything resuming needs) at every evaluation, or once last_every_s have passed
+                due = agree(final or stop or time.perf_counter() - last_saved >= cfg.last_every_s)
+                if improved and not cfg.best_weights_only and due:
+                    checkpoint(last_path, copies=[best_path])  # the same bytes, serialized once
+                else:
+                    if improved:
+                        save_best() if cfg.best_weights_only else checkpoint(best_path)
+                    if due:
+                        checkpoint(last_path)
+                if due:
+                    last_saved = time.perf_counter()
                 bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{lr:.2e}",
                                 tok_s=f"{history['tokens_per_s']:,.0f}")
                 if evals_since_best >= cfg.patience:
@@ -2123,7 +2151,8 @@ def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
         train_cfg = TrainConfig(learning_rate=8e-4, min_lr=8e-5, warmup_steps=200, max_steps=5000,
                                 batch_size=64, block_size=128, grad_accum_steps=2, weight_decay=0.1,
                                 grad_clip=1.0, eval_interval=250, eval_tokens=131_072, patience=1000,
-                                optimizer="muon", muon_lr=0.02, embedding_lr=8e-3)
+                                optimizer="muon", muon_lr=0.02, embedding_lr=8e-3,
+                                last_every_s=300)  # a full last.pt at most every 5 min: Drive is slow
     elif name == "cpu":
         model = GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, **winner)
         train_cfg = TrainConfig(learning_rate=2e-3, min_lr=2e-4, warmup_steps=40, max_steps=800,

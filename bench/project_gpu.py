@@ -246,12 +246,14 @@ ASSUMPTIONS: dict[str, dict] = {
                     "why": "Each evaluation is slm_utils.estimate_loss over eval_tokens // block_size fixed windows "
                            "in batches of eval_batch_size, forward only, autocast, a .item() per batch; traced once "
                            "per batch and multiplied."},
-    "checkpoint": {"value": "2 files per evaluation (last.pt and best.pt)",
-                   "why": "train() writes last.pt at every evaluation and best.pt too when val improves; we assume "
-                          "it improves every time (an upper bound; true early on, and mostly for the presets' "
-                          "patience of 1000). Size = fp32 weights + the optimizer state as traced (AdamW: 2 fp32 "
-                          "moments; Muon: 1 fp32 momentum for its matrices). Serialized and hashed once, written "
-                          "twice."},
+    "checkpoint": {"value": "best.pt at every evaluation; last.pt at every one, or on the last_every_s timer",
+                   "why": "train() writes best.pt when val improves and last.pt at every evaluation, or, with "
+                          "TrainConfig.last_every_s, once that many seconds have passed and at the end. We assume val "
+                          "improves every time (an upper bound; true early on, and mostly for the presets' "
+                          "patience of 1000). last.pt = fp32 weights + the optimizer state as traced (AdamW: 2 fp32 "
+                          "moments; Muon: 1 fp32 momentum for its matrices); best.pt = the fp32 weights alone with "
+                          "best_weights_only (the default), else the same bytes as last.pt. Each file is serialized, "
+                          "hashed and written; last.pt's writes are counted from the projected run time."},
     "serialize_gbs": {"value": 0.55,
                       "why": "torch.save of a 360 MB state dict into a BytesIO, measured on the 2-core Xeon VM "
                              "(0.55 GB/s); a Colab host is of the same class."},
@@ -1042,8 +1044,14 @@ def _figures(step: dict, ev: dict, dec: dict, tcfg, info: dict, chip: dict, ckpt
          "step_ms": step_s * 1e3, "train_s": step_s * tcfg.max_steps, "eval_batch_ms": eval_batch_s * 1e3,
          "eval_tok_s": tcfg.eval_batch_size * tcfg.block_size / eval_batch_s,
          "eval_s": eval_batch_s * eval_batches * n_evals,
-         "ckpt_s_per_eval": ckpt["local"], "ckpt_s_drive_per_eval": ckpt["drive"],
-         "ckpt_s": ckpt["local"] * n_evals, "ckpt_s_drive": ckpt["drive"] * n_evals, "decode_tok_s": 1.0 / decode_s}
+         "decode_tok_s": 1.0 / decode_s}
+    for where, key in (("local", "ckpt_s"), ("drive", "ckpt_s_drive")):
+        c = ckpt[where]
+        last_writes = n_evals  # at every evaluation, or on the timer and at the end
+        if c["last_every_s"] > 0:
+            last_writes = min(n_evals, 1 + int((e["train_s"] + e["eval_s"]) // c["last_every_s"]))
+        e[key] = n_evals * c["best"] + last_writes * c["last"]
+        e[key + "_per_eval"] = e[key] / n_evals
     e["total_s"] = e["train_s"] + e["eval_s"] + e["ckpt_s"]
     e["total_s_drive"] = e["train_s"] + e["eval_s"] + e["ckpt_s_drive"]
     return e
@@ -1062,9 +1070,14 @@ def project_preset(name: str, chips: list[str], factors: tuple[float, float] | N
     n_evals = _evaluations(tcfg.max_steps, tcfg.eval_interval)
     eval_batches = math.ceil((tcfg.eval_tokens // tcfg.block_size) / tcfg.eval_batch_size)
     size = train.info["checkpoint_bytes"]
-    serialize = size / (_a("serialize_gbs") * 1e9) + size / (_a("hash_gbs") * 1e9)
-    files = 2  # last.pt and best.pt (ASSUMPTIONS['checkpoint'])
-    ckpt = {where: serialize + files * size / (gbs * 1e9) for where, gbs in _a("write_gbs").items()}
+    weights = sum(p.numel() * 4 for p in _meta_model(mcfg).parameters())  # fp32; a tied matrix counts once
+    best_size = weights if tcfg.best_weights_only else size
+
+    def file_s(nbytes: int, gbs: float) -> float:  # serialize, hash, write with fsync (ASSUMPTIONS['checkpoint'])
+        return nbytes / (_a("serialize_gbs") * 1e9) + nbytes / (_a("hash_gbs") * 1e9) + nbytes / (gbs * 1e9)
+
+    ckpt = {where: {"best": file_s(best_size, gbs), "last": file_s(size, gbs), "last_every_s": tcfg.last_every_s}
+            for where, gbs in _a("write_gbs").items()}
     memory = peak_memory(train)
     micro_tokens = tcfg.batch_size * tcfg.block_size
     traced_flops = (train.flops(("forward", "backward"), 0) / micro_tokens

@@ -3,6 +3,7 @@ checkpoints, presets, a smoke run on the embedded corpus, and the loss plot."""
 
 import dataclasses
 import math
+from pathlib import Path
 
 import matplotlib
 
@@ -434,6 +435,28 @@ def test_smoke_training_lowers_val_loss(shakespeare_dir, tmp_path):
     best = load_model(tmp_path / "best.pt")
     assert estimate_loss(best, eval_x, eval_y, cfg.eval_batch_size) == pytest.approx(history["best_val_loss"],
                                                                                       rel=1e-5)
+
+
+def test_checkpoint_policy_best_weights_only_and_last_on_a_timer(shakespeare_dir, tmp_path, monkeypatch):
+    """best.pt holds the weights without optimizer state; with last_every_s, last.pt waits for the
+    timer and is always written at the end; resuming from it still goes on."""
+    writes = []
+    real_save = slm_utils.save_checkpoint
+    monkeypatch.setattr(slm_utils, "save_checkpoint",
+                        lambda path, *a, **k: writes.append((Path(path).name, k["step"])) or real_save(path, *a, **k))
+    model_cfg, cfg = preset("smoke", out_dir=str(tmp_path), max_steps=12, eval_interval=3, last_every_s=1e9)
+    torch.manual_seed(0)
+    train(GPT(model_cfg), shakespeare_dir, cfg)
+    assert [w for w in writes if w[0] == "last.pt"] == [("last.pt", 12)]  # the timer never ran out: the end only
+    assert len([w for w in writes if w[0] == "best.pt"]) >= 2
+    best, last = (slm_utils.load_checkpoint(tmp_path / n) for n in ("best.pt", "last.pt"))
+    assert best["optimizer"] is None and last["optimizer"] is not None
+    assert (tmp_path / "best.pt").stat().st_size < 0.6 * (tmp_path / "last.pt").stat().st_size
+    assert load_model(tmp_path / "best.pt").config == model_cfg
+    more = dataclasses.replace(cfg, max_steps=15)
+    assert train(GPT(model_cfg), shakespeare_dir, more, resume=True)["step"][-1] == 15
+    with pytest.raises(ConfigError, match="last_every_s"):
+        dataclasses.replace(cfg, last_every_s=-1)
 
 
 # ---- plotting ---------------------------------------------------------------------------------
