@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check on one CUDA GPU; every figure lands as JSON in OUTDIR. Each step below has a time
-# limit, and the limits add up to 12 minutes.
+# limit, and the limits add up to 12.5 minutes.
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
@@ -19,7 +19,10 @@
 #    get there compare fairly. -> OUTDIR/time_to_loss{,_compiled,_old,_old_compiled,_fp16,_seed}.json
 # 3. The notebook's GPU path, which CI (CPU only) never runs: every code cell in order as a plain
 #    script (bench/notebook_as_script.py), "t4" preset cut to 300 steps. -> OUTDIR/notebook.log
-# 4. The headline figures in one file. -> OUTDIR/gpu_check.json
+# 4. The roofline projection (bench/project_gpu.py, CPU only, ~20 s), so that its prediction for
+#    this GPU sits beside the measurements: compare its "train_eager" / "train_compiled" tok/s with
+#    step 1's (BENCHMARKS.md section 8 says how). -> OUTDIR/projection.json, OUTDIR/projection.log
+# 5. The headline figures in one file. -> OUTDIR/gpu_check.json
 #
 # A step that fails or runs out of time is reported and the others still run; the exit status
 # is non-zero if any step failed.
@@ -85,6 +88,8 @@ NB_WORK="$(mktemp -d)"  # token files and checkpoints: large, and not figures
 step "the notebook's GPU path" 110 "$OUT/notebook.log" \
   "$PY" bench/notebook_as_script.py --out-dir "$NB_WORK" "${NB_ARGS[@]}"
 rm -rf "$NB_WORK"
+step "roofline projection, for comparison" 40 "$OUT/projection.log" \
+  "$PY" bench/project_gpu.py --out "$OUT/projection.json"
 
 "$PY" - "$OUT" "$((SECONDS - start))" "$(IFS=';'; echo "${failed[*]:-}")" <<'EOF'
 import json, sys
