@@ -2450,7 +2450,7 @@ def _to_hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
     Padded vocabulary rows are dropped (they are never used). safetensors refuses two names for
     one storage, so a tied head is written once, as the embedding, and every tensor is a copy.
     """
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper holds the same weights
+    model = unwrap(model)  # a torch.compile or DDP wrapper holds the same weights
     config: GPTConfig = model.config
     ours = model.state_dict()
     out: dict[str, torch.Tensor] = {}
@@ -2769,7 +2769,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool):
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise ConfigError(f"{out_dir} already exists and is not empty; nothing was written. Fix: "
-                              "pass overwrite=True to replace it, or choose a new out_dir.")
+                              "pass overwrite=True (--overwrite on the command line) to replace it, or choose a new out_dir.")
         if not (out_dir / "config.json").is_file():  # overwrite replaces model folders, nothing else
             raise ConfigError(f"{out_dir} is not a model folder (no config.json), so overwrite=True will not delete "
                               "it. Fix: choose a new out_dir, or empty that folder yourself.")
@@ -2944,7 +2944,7 @@ _CLI_EXAMPLES = {
   python slm_utils.py sample --checkpoint runs/t4/best.pt --prompt "INT. " --temperature 0.8 --top-k 50 --seed 1""",
     "export": """examples:
   python slm_utils.py export --checkpoint runs/t4/best.pt --out-dir hf_model
-  python slm_utils.py export --checkpoint runs/t4/best.pt --out-dir hf_model --overwrite""",
+  python slm_utils.py export --checkpoint runs/t4/best.pt --out-dir hf_model --overwrite --data-dir data""",
 }
 
 
@@ -3008,6 +3008,8 @@ def _cli_parser():
     p.add_argument("--checkpoint", required=True, help="a best.pt or last.pt written by train")
     p.add_argument("--out-dir", required=True, help="the folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out-dir")
+    p.add_argument("--data-dir", default=None, help="the prepared data it was trained on: adds the unigram and "
+                                                    "bigram baselines to the model card")
     return parser
 
 
@@ -3089,7 +3091,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cli_train(args)
         if args.command == "sample":
             return _cli_sample(args)
-        path = export_hf(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+        card = {"baselines": baseline_losses(args.data_dir)} if args.data_dir else None
+        path = export_hf(args.checkpoint, args.out_dir, overwrite=args.overwrite, card_info=card)
         print(f"exported {args.checkpoint} to {path}")
         return 0
     except ConfigError as e:

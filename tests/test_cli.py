@@ -97,6 +97,13 @@ def test_prepare_train_sample_happy_path(tmp_path):
                 "--seed", 1, "--temperature", 0.8, "--top-k", 20)
     assert again.stdout == result.stdout  # --seed makes the text repeatable
 
+    pytest.importorskip("transformers")
+    result = cli("export", "--checkpoint", out / "best.pt", "--out-dir", tmp_path / "hf", "--data-dir", data)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and "bigram baseline" in (tmp_path / "hf" / "README.md").read_text()
+    result = cli("export", "--checkpoint", out / "best.pt", "--out-dir", tmp_path / "hf")
+    assert result.returncode == 2 and "--overwrite" in result.stderr  # an existing export is not replaced
+
 
 @pytest.mark.parametrize("args, code", [
     (["train", "--preset", "gpt5", "--data-dir", "data", "--out-dir", "x"], 2),  # unknown preset
