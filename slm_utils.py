@@ -1291,6 +1291,7 @@ class TrainConfig:
     out_dir: str = "out"  # where checkpoints ('last.pt', 'best.pt') go
     best_weights_only: bool = True  # best.pt without optimizer state (resuming reads last.pt): fewer bytes
     last_every_s: float = 0.0  # write last.pt at an evaluation only after this many seconds (0: at every one)
+    background_checkpoints: bool = False  # copy the state, then serialize and write it while training goes on
     embedding_lr: float | None = None  # peak lr of the embedding tables (wte, wpe), not decayed; None: as matrices
     optimizer: str = "adamw"  # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest
     muon_lr: float = 0.02  # peak lr of the Muon matrices; follows the same warmup + cosine shape
@@ -1709,17 +1710,61 @@ def _atomic_write(path: Path, *chunks):
             os.close(fd)
 
 
+def _snapshot(obj):
+    """A copy of ``obj`` whose tensors are fresh CPU copies and whose lists are new lists: training
+    can go on changing the weights, optimizer state and history while the copy is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_snapshot(v) for v in obj]
+        return tuple(items) if isinstance(obj, tuple) else items
+    return obj  # numbers, strings, None: immutable
+
+
+class CheckpointWriter:
+    """Serializes and writes checkpoints in one background thread, in the order they were given.
+
+    ``save_checkpoint(..., writer=w)`` copies the state to the CPU at once (so what is saved is
+    the state at that step) and returns; the slow part, serializing, hashing and writing (to a
+    mounted Google Drive, tens of MB/s), overlaps with training. ``wait()`` blocks until every
+    write so far is on disk and raises the first error one hit; ``close()`` waits, then stops the
+    thread. Each file is still written atomically, so a crash leaves the old file or the new one.
+    """
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: list = []
+
+    def submit(self, fn: Callable[[], Any]):
+        self._pending.append(self._pool.submit(fn))
+
+    def wait(self):
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()  # re-raises a failed write here, in the training thread
+
+    def close(self):
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def save_checkpoint(path, model: nn.Module, optimizer=None, scaler=None, *, step: int = 0,
                     best_val_loss: float = float("inf"), train_config: TrainConfig | None = None,
                     history: dict | None = None, batch_generator: torch.Generator | None = None,
-                    data_meta: dict | None = None, extra: dict | None = None, copies: Sequence = ()) -> Path:
+                    data_meta: dict | None = None, extra: dict | None = None, copies: Sequence = (),
+                    writer: CheckpointWriter | None = None) -> Path:
     """Save everything needed to resume exactly, atomically, with a checksum.
 
     File layout: 8 magic bytes, the sha256 of the payload, then the ``torch.save`` payload.
     The checksum turns silent corruption into a clear ``CheckpointError`` on load.
     ``copies``: more paths that get the same bytes, serialized and hashed only once (train()
     writes ``best.pt`` and ``last.pt`` this way when the val loss improves). Each file is
-    written whole and atomically, in order, ``path`` last.
+    written whole and atomically, in order, ``path`` last. ``writer``: copy the state now and
+    write it in that ``CheckpointWriter``'s background thread; the file exists after ``wait()``.
     """
     raw = unwrap(model)
     payload = {
@@ -1736,15 +1781,24 @@ def save_checkpoint(path, model: nn.Module, optimizer=None, scaler=None, *, step
         if data_meta else None,
         "extra": extra or {},
     }
+    path = Path(path)
+    targets = [*map(Path, copies), path]
+    if writer is not None:
+        payload = _snapshot(payload)  # this step's state, whatever training does next
+        writer.submit(lambda: _write_payload(payload, targets))
+    else:
+        _write_payload(payload, targets)
+    return path
+
+
+def _write_payload(payload: dict, targets: Sequence[Path]):
     buf = io.BytesIO()
     torch.save(payload, buf)
     body = buf.getbuffer()  # a view, not a copy: the payload can be hundreds of MB
     digest = hashlib.sha256(body).digest()
-    path = Path(path)
-    for target in [*map(Path, copies), path]:
+    for target in targets:
         target.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(target, _CKPT_MAGIC, digest, body)
-    return path
 
 
 def _config_mismatch(saved: dict, current: dict) -> list[str]:
@@ -1927,7 +1981,8 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
     ``grad_accum_steps`` micro-batches of the window ``window_at`` gives, and ``train_step``. Every
     ``eval_interval`` steps: val loss on fixed windows, ``best.pt`` on improvement (the weights
     only, unless ``best_weights_only=False``), ``last.pt`` (everything resuming needs) at every
-    evaluation or, with ``last_every_s``, once that many seconds have passed and always at the end;
+    evaluation or, with ``last_every_s``, once that many seconds have passed and always at the end
+    (``background_checkpoints``: written by a ``CheckpointWriter`` thread while training goes on);
     early stop after ``patience`` evaluations without improvement. ``callback(step,
     history)`` runs after every step; returning True stops training (a checkpoint is saved).
     ``resume=True`` continues exactly from ``out_dir/last.pt``.
@@ -2008,12 +2063,12 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
             save_checkpoint(path, raw, optimizer, scaler, step=step, best_val_loss=best_val, train_config=cfg,
                             history=history, batch_generator=batch_gen, data_meta=meta,
                             extra={"evals_since_best": evals_since_best, "world_size": world,
-                                   "rng_ranks": rng_ranks if world > 1 else None}, copies=copies)
+                                   "rng_ranks": rng_ranks if world > 1 else None}, copies=copies, writer=writer)
 
     def save_best():  # the weights (and history, config) only: sampling and export need no optimizer
         if rank == 0:
             save_checkpoint(best_path, raw, step=step, best_val_loss=best_val, train_config=cfg, history=history,
-                            data_meta=meta, extra={"weights_only": True})
+                            data_meta=meta, extra={"weights_only": True}, writer=writer)
 
     def agree(flag: bool) -> bool:  # one decision for every process (any of them says yes)
         if world == 1:
@@ -2023,6 +2078,7 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
         return bool(t.item())
 
     last_saved = time.perf_counter()
+    writer = CheckpointWriter() if cfg.background_checkpoints and rank == 0 else None
 
     def evaluate() -> float:
         if world == 1:
@@ -2038,6 +2094,7 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
     raw.train()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                disable=(rank != 0) if progress is None else not progress)
+    finished = False
     try:
         while step < cfg.max_steps:
             lr = get_lr(step, cfg)
@@ -2087,6 +2144,8 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
                     history["best_val_loss"], history["best_step"] = val_loss, step
                 else:
                     evals_since_best += 1
+                if writer is not None:  # the previous evaluation's files first: one state in memory at a time
+                    writer.wait()
                 improved, final = evals_since_best == 0, step == cfg.max_steps or evals_since_best >= cfg.patience
                 # last.pt (everything resuming needs) at every evaluation, or once last_every_s have passed
                 due = agree(final or stop or time.perf_counter() - last_saved >= cfg.last_every_s)
@@ -2109,8 +2168,15 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
             if stop:
                 history["stopped"] = f"stopped by callback at step {step}"
                 break
+        finished = True
     finally:
         bar.close()
+        if writer is not None:  # every file on disk before train() returns or raises
+            if finished:
+                writer.close()  # a failed background write raises here
+            else:
+                with contextlib.suppress(Exception):  # keep the error already on its way
+                    writer.close()
     return history
 
 
@@ -2152,7 +2218,8 @@ def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
                                 batch_size=64, block_size=128, grad_accum_steps=2, weight_decay=0.1,
                                 grad_clip=1.0, eval_interval=250, eval_tokens=131_072, patience=1000,
                                 optimizer="muon", muon_lr=0.02, embedding_lr=8e-3,
-                                last_every_s=300)  # a full last.pt at most every 5 min: Drive is slow
+                                # Drive is slow: a full last.pt at most every 5 min, written while training goes on
+                                last_every_s=300, background_checkpoints=True)
     elif name == "cpu":
         model = GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, **winner)
         train_cfg = TrainConfig(learning_rate=2e-3, min_lr=2e-4, warmup_steps=40, max_steps=800,

@@ -9,7 +9,9 @@ needs (Google Drive, as Colab mounts it, writes at tens of MB/s). Three policies
 - ``pair``: the old one: ``last.pt`` and ``best.pt``, the same full bytes, at every improving evaluation;
 - ``weights-only best``: ``best.pt`` holds the weights only (``best_weights_only=True``), ``last.pt``
   stays full, both at every improving evaluation;
-- the same with ``last_every_s``: an evaluation that is not due writes ``best.pt`` alone.
+- the same with ``last_every_s``: an evaluation that is not due writes ``best.pt`` alone;
+- ``background_checkpoints``: the state is copied to the CPU in the training thread, and serialized
+  and written by a ``CheckpointWriter`` thread; what training waits for is the copy alone.
 
     python bench/bench_checkpoint.py [--mb-s 30] [--preset t4]
 """
@@ -71,6 +73,11 @@ def main(argv=None) -> int:
             last = timed(lambda: S.save_checkpoint(out / "last.pt", model, optimizer, None, **full))
             best = timed(lambda: S.save_checkpoint(out / "best.pt", model, **full))
             sizes = {n: (out / n).stat().st_size / 1e6 for n in ("last.pt", "best.pt")}
+            writer = S.CheckpointWriter()
+            stall = timed(lambda: (S.save_checkpoint(out / "best.pt", model, writer=writer, **full),
+                                   S.save_checkpoint(out / "last.pt", model, optimizer, None, writer=writer, **full)))
+            behind = timed(writer.wait)
+            writer.close()
     finally:
         S._atomic_write = real
     print(f"preset {args.preset!r}: last.pt {sizes['last.pt']:.0f} MB (weights + optimizer state), "
@@ -78,6 +85,8 @@ def main(argv=None) -> int:
     print(f"  pair (old: two full files)        {pair:6.1f} s per improving evaluation")
     print(f"  weights-only best + full last     {best + last:6.1f} s")
     print(f"  weights-only best alone (timer)   {best:6.1f} s when last.pt is not due")
+    print(f"  background (weights-only best + full last): training waits {stall:5.1f} s (the copy); "
+          f"{behind:.1f} s more of writing overlaps with training")
     evals, steps = cfg.max_steps // cfg.eval_interval, cfg.max_steps
     print(f"  a {steps}-step run with {evals} evaluations, all improving: {evals * pair / 60:.1f} min (pair), "
           f"{evals * (best + last) / 60:.1f} min (weights-only best), "

@@ -258,6 +258,12 @@ ASSUMPTIONS: dict[str, dict] = {
                       "why": "torch.save of a 360 MB state dict into a BytesIO, measured on the 2-core Xeon VM "
                              "(0.55 GB/s); a Colab host is of the same class."},
     "hash_gbs": {"value": 0.59, "why": "hashlib.sha256 over 360 MB, measured on the 2-core Xeon VM (0.59 GB/s)."},
+    "snapshot_gbs": {"value": 1.5,
+                     "why": "With TrainConfig.background_checkpoints the training thread only copies the state to "
+                            "host memory (746 MB in 0.5 s on the 2-core Xeon VM: bench/bench_checkpoint.py); "
+                            "serializing, hashing and writing overlap with training, and count only where they "
+                            "take longer than the time to the next evaluation. A GPU's copy crosses PCIe, "
+                            "usually faster than this host copy, so this is the conservative end."},
     "write_gbs": {"value": {"local": 1.0, "drive": 0.03},
                   "why": "Write bandwidth with fsync: 1 GB/s for a local SSD; 30 MB/s for a mounted Google Drive "
                          "(the notebook's SAVE_TO_DRIVE); both assumed, not measured. total_s uses 'local'; "
@@ -1051,6 +1057,10 @@ def _figures(step: dict, ev: dict, dec: dict, tcfg, info: dict, chip: dict, ckpt
         if c["last_every_s"] > 0:
             last_writes = min(n_evals, 1 + int((e["train_s"] + e["eval_s"]) // c["last_every_s"]))
         e[key] = n_evals * c["best"] + last_writes * c["last"]
+        if c["background"]:  # training waits for the copies, and for writing only past the next evaluation
+            between = (e["train_s"] + e["eval_s"]) / n_evals
+            writing = e[key]
+            e[key] = n_evals * c["copy_best"] + last_writes * c["copy_last"] + max(0.0, writing - between * n_evals)
         e[key + "_per_eval"] = e[key] / n_evals
     e["total_s"] = e["train_s"] + e["eval_s"] + e["ckpt_s"]
     e["total_s_drive"] = e["train_s"] + e["eval_s"] + e["ckpt_s_drive"]
@@ -1076,7 +1086,9 @@ def project_preset(name: str, chips: list[str], factors: tuple[float, float] | N
     def file_s(nbytes: int, gbs: float) -> float:  # serialize, hash, write with fsync (ASSUMPTIONS['checkpoint'])
         return nbytes / (_a("serialize_gbs") * 1e9) + nbytes / (_a("hash_gbs") * 1e9) + nbytes / (gbs * 1e9)
 
-    ckpt = {where: {"best": file_s(best_size, gbs), "last": file_s(size, gbs), "last_every_s": tcfg.last_every_s}
+    ckpt = {where: {"best": file_s(best_size, gbs), "last": file_s(size, gbs), "last_every_s": tcfg.last_every_s,
+                    "background": tcfg.background_checkpoints,
+                    "copy_best": best_size / (_a("snapshot_gbs") * 1e9), "copy_last": size / (_a("snapshot_gbs") * 1e9)}
             for where, gbs in _a("write_gbs").items()}
     memory = peak_memory(train)
     micro_tokens = tcfg.batch_size * tcfg.block_size

@@ -459,6 +459,31 @@ def test_checkpoint_policy_best_weights_only_and_last_on_a_timer(shakespeare_dir
         dataclasses.replace(cfg, last_every_s=-1)
 
 
+def test_background_checkpoints_save_the_same_state(shakespeare_dir, tmp_path, monkeypatch):
+    """Written in a background thread, the checkpoints hold what a foreground save holds, and a
+    write that fails raises from train() itself."""
+    saved = {}
+    for background in (False, True):
+        model_cfg, cfg = preset("smoke", out_dir=str(tmp_path / str(background)), background_checkpoints=background)
+        torch.manual_seed(0)
+        train(GPT(model_cfg), shakespeare_dir, cfg)
+        saved[background] = {n: slm_utils.load_checkpoint(tmp_path / str(background) / n) for n in ("best.pt", "last.pt")}
+    for name in ("best.pt", "last.pt"):
+        a, b = saved[False][name], saved[True][name]
+        assert a["step"] == b["step"] and a["history"]["val_loss"] == b["history"]["val_loss"]
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert str(saved[False]["last.pt"]["optimizer"]) == str(saved[True]["last.pt"]["optimizer"])
+    resumed = dataclasses.replace(cfg, max_steps=cfg.max_steps + 3)
+    assert train(GPT(model_cfg), shakespeare_dir, resumed, resume=True)["step"][-1] == cfg.max_steps + 3
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(slm_utils, "_atomic_write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(GPT(model_cfg), shakespeare_dir, dataclasses.replace(cfg, out_dir=str(tmp_path / "full")))
+
+
 # ---- plotting ---------------------------------------------------------------------------------
 
 
