@@ -53,6 +53,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import threading
 import time
 import urllib.request
@@ -1900,7 +1901,7 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
 
 
 def _all_gather(obj) -> list:
-    rank, world = dist_info()
+    world = dist_info()[1]
     if world == 1:
         return [obj]
     out = [None] * world
@@ -2102,8 +2103,9 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's matrices keep their own peak
             batch_size, window = window_at(step, cfg)
             # every process draws the whole global batch, in the same order, and keeps its share
-            batches = [get_batch(data_dir, "train", batch_size, window, device, batch_gen)
-                       for _ in range(cfg.grad_accum_steps)][share]
+            # (only its own micro-batches go to the device)
+            batches = [get_batch(data_dir, "train", batch_size, window, device if share.start <= i < share.stop
+                                 else "cpu", batch_gen) for i in range(cfg.grad_accum_steps)][share]
             result = train_step(stepper, optimizer, scaler, batches, grad_clip=cfg.grad_clip, device=device,
                                 dtype=dtype)
             train_loss = result.loss
@@ -3025,7 +3027,8 @@ def _parse_value(text: str):
         return text
 
 
-def _parse_sets(pairs: Sequence[str]) -> dict:
+def parse_overrides(pairs: Sequence[str]) -> dict:
+    """``["n_layer=2", "optimizer=adamw"]`` -> ``{"n_layer": 2, "optimizer": "adamw"}``, for ``preset``."""
     overrides = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -3081,9 +3084,7 @@ def _cli_parser():
 
 
 def _cli_train(args) -> int:
-    import sys
-
-    overrides = _parse_sets(args.set)
+    overrides = parse_overrides(args.set)
     model_cfg, train_cfg = preset(args.preset, **overrides)
     train_cfg = dataclasses.replace(train_cfg, out_dir=args.out_dir)
     if not (Path(args.data_dir) / "meta.json").is_file():
@@ -3115,8 +3116,6 @@ def _cli_train(args) -> int:
 
 
 def _cli_sample(args) -> int:
-    import sys
-
     device = _resolve_device(args.device)
     model = load_model(args.checkpoint, device)
     enc = get_tokenizer()
@@ -3143,10 +3142,8 @@ def _cli_sample(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit code (0 ok, 2 usage or config error, 1 other failure)."""
-    import sys
-
     args = _cli_parser().parse_args(argv)  # a usage error exits with 2 and argparse's message
-    if dist_info()[0] == 0 and int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process logs
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "prepare":

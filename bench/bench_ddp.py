@@ -35,7 +35,7 @@ def run(procs: int, data_dir: Path, out_dir: Path, steps: int, device: str, thre
             "curriculum_steps": 0, "device": device}
     args = ["train", "--preset", "cpu", "--data-dir", str(data_dir), "--out-dir", str(out_dir)]
     for k, v in sets.items():
-        args += ["--set", f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}"]
+        args += ["--set", f"{k}={v}"]  # a bare word such as cpu stays a string
     launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     "--standalone", f"--nproc_per_node={procs}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

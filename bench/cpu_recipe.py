@@ -17,7 +17,6 @@ interleaved step by step so both see the same machine, and reports the median to
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 import tempfile
 import time
@@ -59,13 +58,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value  # a bare word such as llama
+    overrides = S.parse_overrides(args.set)  # the command line's own parser: literals, bare words stay strings
     work = Path(tempfile.mkdtemp(prefix="slm-cpu-recipe-"))
     S.prepare_data("shakespeare", work / "data")
     if args.compare_old:

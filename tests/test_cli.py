@@ -23,10 +23,12 @@ TINY = ["--set", "n_layer=2", "--set", "n_head=2", "--set", "n_embd=32", "--set"
         "--set", "warmup_steps=2", "--set", "eval_tokens=2048", "--set", "eval_batch_size=16"]
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # one thread per process: 2 cores
+
+
 def cli(*args, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+                          timeout=timeout, env=ENV, cwd=ROOT)
 
 
 def torchrun(*args, nproc=2) -> list[str]:
@@ -35,8 +37,7 @@ def torchrun(*args, nproc=2) -> list[str]:
 
 
 def run_torchrun(*args, nproc=2, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(torchrun(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=env,
+    return subprocess.run(torchrun(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout, env=ENV,
                           cwd=ROOT)
 
 
@@ -178,9 +179,8 @@ def test_sigkill_of_one_rank_then_resume_is_exact(shakespeare_dir, tmp_path):
     assert whole.returncode == 0, whole.stderr
 
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(torchrun(*args, "--out-dir", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env, cwd=ROOT)
+                            env=ENV, cwd=ROOT)
     try:
         deadline = time.time() + 120
         while not (out / "last.pt").is_file() and time.time() < deadline and proc.poll() is None:
