@@ -364,7 +364,7 @@ def ensure_writable(folder: Path, what: str):
     """Create ``folder`` and prove a file can be written there, before any long work starts."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
+        probe = folder / f".write_test-{os.getpid()}"  # per process: torchrun's ranks check the same folder
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
