@@ -911,8 +911,11 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, n_kv, T, hs)
         if rope is not None:  # rotate queries and keys by their absolute positions (cos, sin: (T, hs))
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
-        if cache is not None:
+        past, visible = 0, None
+        if cache is not None and cache.static and T == 1:  # fixed shapes: every slot, masked
+            past = cache.length
+            k, v, visible = cache.update_static(layer, k, v)  # (B, n_kv, T_max, hs) x 2, (1, T_max)
+        elif cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)  # (B, n_kv, past + T, hs)
         if nkv != nh:  # GQA: each key/value head serves nh / n_kv consecutive query heads
@@ -925,11 +928,13 @@ class CausalSelfAttention(nn.Module):
                 raise ConfigError("KVCache takes a prompt into an empty cache, then one token at a time. "
                                   "Fix: reset() the cache before a new prompt.")
             y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=(past == 0 and T > 1))
+                q, k, v, attn_mask=visible, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=(past == 0 and T > 1))
         else:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, past + T)
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, past + T), or (B, nh, 1, T_max)
             # query i (at absolute position past + i) may see keys 0 .. past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            mask = visible if visible is not None else \
+                torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             att = att.masked_fill(~mask, float("-inf"))
             att = F.softmax(att, dim=-1)
             if self.keep_attention:
@@ -984,6 +989,64 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``x @ weight[:vocab].T`` against ``targets``, ``chunk`` rows at a time.
+
+    The plain head builds all (N, vocab) logits, an fp32 copy for the loss, and a gradient of the
+    same size: at the "t4" micro-batch (8,192 rows x 50,257) about 1.6 GB each. Here each chunk's
+    logits are made, turned into their gradient (softmax - one-hot) and used at once for both
+    input gradients, then dropped. The forward pass therefore does the backward's two matmuls too;
+    the backward pass only scales the stored gradients. Same FLOPs, one chunk of logits in memory.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size: int, chunk: int):
+        # x (N, C), weight (Vp, C) with padded rows past vocab_size, targets (N,) with -1 = ignore
+        keep = targets != -1
+        count = keep.sum().clamp(min=1)
+        need_grad = any(ctx.needs_input_grad[:2])
+        grad_x = torch.empty_like(x) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        # the dtype autocast (when on) gives lm_head's matmul: cast both operands once, not per chunk.
+        # The whole padded width is used: its multiple-of-64 rows are what keeps the matmuls fast
+        mm_dtype = (x[:1] @ weight[:1].t()).dtype
+        w, xm = weight.to(mm_dtype), x.to(mm_dtype)  # (Vp, C), (N, C)
+        for s in range(0, x.size(0), chunk):
+            xc, yc, kc = xm[s:s + chunk], targets[s:s + chunk].clamp(min=0), keep[s:s + chunk, None]
+            z = xc @ w.t()  # (n, Vp) logits in the matmul dtype
+            z[:, vocab_size:] = float("-inf")  # padded columns: probability 0, so gradient 0
+            logp = F.log_softmax(z, dim=-1, dtype=torch.float32)  # (n, Vp): one kernel, fp32 arithmetic
+            total -= (logp.gather(1, yc[:, None]) * kc).sum()
+            if need_grad:
+                g = logp.exp_()  # softmax, in place: (n, Vp)
+                g[torch.arange(len(yc), device=g.device), yc] -= 1.0  # d(row's loss)/d(logits), in [-1, 1]
+                # one cast to the matmul dtype for both matmuls. The division by the count comes
+                # afterwards, in fp32, so that fp16 does not flush small entries of g to zero.
+                # Ignored rows are zeroed in the (n, C) tensors, not in the (n, Vp) one: cheaper.
+                g = g.to(mm_dtype)
+                grad_x[s:s + chunk] = (g @ w) * kc  # (n, C)
+                grad_w += g.t() @ (xc * kc)  # (Vp, C)
+        if need_grad:
+            ctx.save_for_backward(grad_x.div_(count), grad_w.div_(count))
+        ctx.weight_dtype = weight.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, (grad_w * grad_loss).to(ctx.weight_dtype), None, None, None
+
+
+def fused_linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                               chunk: int = 1024) -> torch.Tensor:
+    """The mean cross-entropy of the head ``x @ weight[:vocab_size].T`` against ``targets``,
+    without the whole logits tensor: x (N, C), weight (Vp, C), targets (N,), -1 = ignored.
+    Equal to ``F.cross_entropy(F.linear(x, weight)[:, :vocab_size], targets, ignore_index=-1)``,
+    with its gradients, up to rounding."""
+    return _FusedLinearCrossEntropy.apply(x, weight, targets, vocab_size, chunk)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -1027,8 +1090,12 @@ class GPT(nn.Module):
         return self
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, last_only: bool = False):
-        """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy when ``targets``."""
+                cache: KVCache | None = None, last_only: bool = False, loss_chunk: int = 0):
+        """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy when ``targets``.
+
+        ``loss_chunk`` > 0 (with ``targets``): the head and the loss run fused, that many rows at a
+        time (``fused_linear_cross_entropy``), and the logits returned are None: they never exist whole.
+        """
         B, T = idx.size()
         past = cache.length if cache is not None else 0
         if past + T > self.config.block_size:
@@ -1037,8 +1104,12 @@ class GPT(nn.Module):
                 "Fix: crop the input to the last block_size tokens (generate() does this for you).")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
+        static = cache is not None and cache.static and T == 1  # the position is a device tensor
         if self.config.pos_emb == "learned":
-            x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))  # + (T, C)
+            pos = cache.pos.view(1) if static else torch.arange(past, past + T, device=idx.device)  # (T,)
+            x = x + self.transformer.wpe(pos)  # + (T, C)
+        elif static:
+            rope = (self.rope_cos[cache.pos.view(1)], self.rope_sin[cache.pos.view(1)])  # (1, hs) each
         else:  # rotary: positions enter inside attention, as rotations of q and k
             rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])  # (T, hs) each
         x = self.transformer.drop(x)
@@ -1049,6 +1120,10 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, -1:, :]  # generation needs only the last position: skip 50K-wide work for the rest
+        if loss_chunk and targets is not None:
+            loss = fused_linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                              self.config.vocab_size, loss_chunk)
+            return None, loss
         logits = self.lm_head(x)[..., :self.config.vocab_size]  # (B, T, vocab); padded columns dropped
         loss = None
         if targets is not None:
@@ -1058,7 +1133,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, use_kv_cache: bool = True,
-                        generator: torch.Generator | None = None, stop_token: int | None = None) -> Iterator[torch.Tensor]:
+                        generator: torch.Generator | None = None, stop_token: int | None = None,
+                        cuda_graph: bool = False) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, (B,), one step at a time. See ``generate``."""
         check_sampling_args(self.config.vocab_size, max_new_tokens, temperature, top_k, top_p)
         if idx.dim() == 1:
@@ -1076,10 +1152,14 @@ class GPT(nn.Module):
             seq = idx
             done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             cache, cache_start = None, -1
+            decoder = GraphDecoder(self, idx.size(0)) if cuda_graph and use_kv_cache else None
             for _ in range(max_new_tokens):
                 start = context_start(seq.size(1), bs)
                 if not use_kv_cache:
                     logits, _ = self(seq[:, start:], last_only=True)
+                elif start != cache_start and decoder is not None:
+                    cache_start = start
+                    logits = decoder.prefill(seq[:, start:])
                 elif start != cache_start:  # first step, or the window hopped: prefill afresh
                     if cache is None:
                         p = next(self.parameters())
@@ -1087,6 +1167,8 @@ class GPT(nn.Module):
                     cache.reset()
                     cache_start = start
                     logits, _ = self(seq[:, start:], cache=cache, last_only=True)
+                elif decoder is not None:  # the same step, replayed from a CUDA graph
+                    logits = decoder.step(seq[:, -1:])
                 else:  # one new token through the model, everything before comes from the cache
                     logits, _ = self(seq[:, -1:], cache=cache, last_only=True)
                 nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
@@ -1103,18 +1185,20 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, use_kv_cache: bool = True,
-                 generator: torch.Generator | None = None, stop_token: int | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, stop_token: int | None = None,
+                 cuda_graph: bool = False) -> torch.Tensor:
         """Continue ``idx`` (B, T) by up to ``max_new_tokens`` tokens; returns (B, T + new).
 
         ``temperature=0`` is greedy; ``top_k`` / ``top_p`` filter before sampling; ``generator``
         makes sampling reproducible; generation stops early once every row has produced
         ``stop_token``. Runs in eval mode without gradients and restores the mode it found.
         Prompts longer than ``block_size`` are cropped with a warning (see ``context_start``).
+        ``cuda_graph=True`` replays the cached one-token step from a CUDA graph (``GraphDecoder``).
         """
         if idx.dim() == 1:
             idx = idx.unsqueeze(0)
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                        use_kv_cache, generator, stop_token))
+                                        use_kv_cache, generator, stop_token, cuda_graph))
         if not new:
             return idx
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1)
@@ -1175,13 +1259,28 @@ class KVCache:
     one token per step, so a step costs one token's work instead of the whole context's. With
     grouped-query attention only the ``n_kv_head`` shared heads are stored: the cache shrinks by
     ``n_head / n_kv_head``.
+
+    ``static=True`` gives one-token steps fixed shapes, which a CUDA graph needs (see
+    ``GraphDecoder``): the position lives in a device tensor ``pos``, the step writes its key and
+    value there, and attention reads all ``T_max`` slots with a mask over those not yet filled.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype, static: bool = False):
         shape = (config.n_layer, batch_size, config.kv_heads, config.block_size, config.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (L, B, n_kv, T_max, hs)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # tokens stored
+        self.static = static
+        if static:
+            self.pos = torch.zeros((), dtype=torch.long, device=device)  # == length, on the device
+            self.slots = torch.arange(config.block_size, device=device)  # (T_max,)
+
+    def update_static(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """One token's k, v (B, n_kv, 1, hs) into slot ``pos``; returns every slot's keys and values
+        (B, n_kv, T_max, hs) and which slots the query may see, (1, T_max) bool."""
+        self.k[layer].index_copy_(2, self.pos.view(1), k)
+        self.v[layer].index_copy_(2, self.pos.view(1), v)
+        return self.k[layer], self.v[layer], (self.slots <= self.pos).view(1, -1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v (B, n_kv, t, hs) for ``layer``; return all keys/values so far."""
@@ -1193,13 +1292,68 @@ class KVCache:
 
     def advance(self, t: int):
         self.length += t
+        if self.static:
+            self.pos.add_(t)  # on the device, so that a replayed graph moves it too
 
     def reset(self):
         self.length = 0
+        if self.static:
+            self.pos.zero_()
 
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+
+class GraphDecoder:
+    """Cached decoding whose one-token step is replayed from a CUDA graph.
+
+    At batch 1 a decode step is dozens of small kernels, and launching them from Python costs
+    more than running them: the GPU waits on the CPU. A CUDA graph records the step's kernels once
+    and replays them with a single launch. It needs fixed shapes and addresses, hence a static
+    ``KVCache``, a fixed input buffer and fixed output logits. On a CPU the same static steps
+    run without a graph (that is how the tests check them).
+
+        dec = GraphDecoder(model, batch_size=1)
+        logits = dec.prefill(prompt)      # (B, 1, vocab), an ordinary forward
+        logits = dec.step(next_token)     # (B, 1, vocab), the step, replayed
+    """
+
+    def __init__(self, model: "GPT", batch_size: int):
+        p = next(model.parameters())
+        self.model = model
+        self.cache = KVCache(model.config, batch_size, p.device, p.dtype, static=True)
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)  # the step's input
+        self.use_graph = p.device.type == "cuda"
+        self.graph, self.logits = None, None
+
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        self.cache.reset()
+        return self.model(idx, cache=self.cache, last_only=True)[0]
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token (B, 1) -> logits (B, 1, vocab). The logits live in a buffer the next step overwrites."""
+        self.token.copy_(token)
+        if not self.use_graph:
+            return self.model(self.token, cache=self.cache, last_only=True)[0]
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()  # writes this token's k, v, moves cache.pos, fills self.logits
+        self.cache.length += 1  # the Python-side count, which the replay cannot move
+        return self.logits
+
+    def _capture(self):
+        length = self.cache.length
+        side = torch.cuda.Stream()  # warm up off the default stream, as CUDA graph capture asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.model(self.token, cache=self.cache, last_only=True)
+        torch.cuda.current_stream().wait_stream(side)
+        self.cache.pos.fill_(length)  # undo the warm-up's step: the replay rewrites the same slot
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the kernels; runs nothing
+            self.logits = self.model(self.token, cache=self.cache, last_only=True)[0]
+        self.cache.length = length
 
 
 def context_start(length: int, block_size: int) -> int:
@@ -1287,6 +1441,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before training stops
     dtype: str = "auto"  # "auto" (by device), "float32", "bfloat16" or "float16"
     compile: bool = False  # torch.compile the model (GPU: faster after a warm-up)
+    loss_chunk: int = 0  # >0: head + loss fused, this many rows at a time, no whole logits tensor (0: plain)
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"...
     seed: int = 1337  # seeds init, dropout and batch sampling
     out_dir: str = "out"  # where checkpoints ('last.pt', 'best.pt') go
@@ -1306,6 +1461,9 @@ class TrainConfig:
         if not self.last_every_s >= 0:
             raise ConfigError(f"last_every_s={self.last_every_s} must be >= 0. Fix: 0 writes last.pt at every "
                               "evaluation; e.g. 300 writes it at most every 5 minutes.")
+        if self.loss_chunk < 0:
+            raise ConfigError(f"loss_chunk={self.loss_chunk} must be >= 0. Fix: 0 for the plain head and loss, or "
+                              "rows per chunk, e.g. 1024.")
         for name in ("max_steps", "batch_size", "block_size", "grad_accum_steps", "eval_interval",
                      "eval_tokens", "eval_batch_size", "patience", "max_bad_steps"):
             if getattr(self, name) < 1:
@@ -1636,8 +1794,8 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 @torch.no_grad()
 def estimate_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 64,
-                  device="cpu", dtype: torch.dtype = torch.float32) -> float:
-    """Mean cross-entropy over fixed windows ``x``, ``y`` (N, T), in eval mode."""
+                  device="cpu", dtype: torch.dtype = torch.float32, loss_chunk: int = 0) -> float:
+    """Mean cross-entropy over fixed windows ``x``, ``y`` (N, T), in eval mode (``loss_chunk``: see GPT.forward)."""
     was_training = model.training
     model.eval()
     device = torch.device(device)
@@ -1646,7 +1804,7 @@ def estimate_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
         for i in range(0, x.size(0), batch_size):
             xb, yb = _to_device(x[i:i + batch_size], device), _to_device(y[i:i + batch_size], device)
             with _autocast(device, dtype):
-                _, loss = model(xb, yb)
+                _, loss = model(xb, yb, loss_chunk=loss_chunk)
             total += loss.item() * xb.size(0)
     finally:
         model.train(was_training)
@@ -1922,7 +2080,7 @@ class StepResult:
 
 def train_step(model: nn.Module, optimizer, scaler: torch.amp.GradScaler,
                batches: Sequence[tuple[torch.Tensor, torch.Tensor]], *, grad_clip: float = 1.0,
-               device="cpu", dtype: torch.dtype = torch.float32) -> StepResult:
+               device="cpu", dtype: torch.dtype = torch.float32, loss_chunk: int = 0) -> StepResult:
     """One optimizer step: the whole of training, minus bookkeeping.
 
     1. For each micro-batch (x, y) of ``batches``: forward under autocast, loss / number of
@@ -1932,7 +2090,8 @@ def train_step(model: nn.Module, optimizer, scaler: torch.amp.GradScaler,
     4. Otherwise the optimizer steps (GradScaler may still skip an fp16 overflow) and the
        gradients are cleared.
 
-    The caller sets the learning rate beforehand. ``train()`` and the benchmarks use this.
+    ``loss_chunk`` > 0 fuses the head and the loss (see ``GPT.forward``). The caller sets the
+    learning rate beforehand. ``train()`` and the benchmarks use this.
     """
     raw = unwrap(model)
     device = torch.device(device)
@@ -1944,7 +2103,7 @@ def train_step(model: nn.Module, optimizer, scaler: torch.amp.GradScaler,
         last = i == len(batches) - 1
         with model.no_sync() if ddp and not last else contextlib.nullcontext():
             with _autocast(device, dtype):
-                _, loss = model(x, y)
+                _, loss = model(x, y, loss_chunk=loss_chunk)
             loss = loss / len(batches)  # the summed gradient is then the mean over micro-batches
             scaler.scale(loss).backward()
         loss_sum += loss.detach()
@@ -2083,9 +2242,9 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
 
     def evaluate() -> float:
         if world == 1:
-            return estimate_loss(fwd, eval_x, eval_y, cfg.eval_batch_size, device, dtype)
+            return estimate_loss(fwd, eval_x, eval_y, cfg.eval_batch_size, device, dtype, cfg.loss_chunk)
         x, y = eval_x[my_eval], eval_y[my_eval]
-        total = estimate_loss(fwd, x, y, cfg.eval_batch_size, device, dtype) * len(x) if len(x) else 0.0
+        total = estimate_loss(fwd, x, y, cfg.eval_batch_size, device, dtype, cfg.loss_chunk) * len(x) if len(x) else 0.0
         total = torch.tensor(total, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(total)
         return float(total) / len(eval_x)
@@ -2107,7 +2266,7 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
             batches = [get_batch(data_dir, "train", batch_size, window, device if share.start <= i < share.stop
                                  else "cpu", batch_gen) for i in range(cfg.grad_accum_steps)][share]
             result = train_step(stepper, optimizer, scaler, batches, grad_clip=cfg.grad_clip, device=device,
-                                dtype=dtype)
+                                dtype=dtype, loss_chunk=cfg.loss_chunk)
             train_loss = result.loss
             if not result.finite:
                 bad_in_a_row += 1

@@ -9,7 +9,8 @@ steps, interleaved step by step. One step is one micro-batch plus one optimizer 
   from configure_optimizer, autocast per choose_amp_dtype, GradScaler for fp16, unscale, clip,
   the finiteness check, step. A separate row runs slm_utils.train() itself, to show the
   loop around the step costs little.
-- On CUDA, the levers, each switched off (or on, for torch.compile) from the slm_utils row.
+- On CUDA, the levers, each switched off (or on, for torch.compile and the fused head + loss) from
+  the slm_utils row.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ SHAPES = {
 SEED_EVAL = dict(interval_micro_steps=500, batches=500, splits=2, batch_tokens=32 * 128)
 
 
+FUSED_LOSS_CHUNK = 4096  # rows per chunk of the fused head + loss lever (the projection's best of 1,024 and 4,096)
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -50,6 +54,7 @@ class Variant:
     pinned: bool = False  # pinned host memory + non_blocking copies
     dtype: str = "float32"  # autocast dtype
     compile: bool = False  # torch.compile
+    loss_chunk: int = 0  # >0: head + loss fused, this many rows at a time (slm_utils.fused_linear_cross_entropy)
 
     def describe(self) -> str:
         if self.impl == "reference":
@@ -57,6 +62,8 @@ class Variant:
         parts = [f"pad {self.pad}", "fused AdamW" if self.fused else "AdamW (not fused)",
                  "pinned loads" if self.pinned else "plain loads", self.dtype + (" + GradScaler" if self.dtype == "float16" else ""),
                  "compiled" if self.compile else "eager"]
+        if self.loss_chunk:
+            parts.append(f"fused head + loss ({self.loss_chunk}-row chunks)")
         return ", ".join(parts)
 
 
@@ -80,6 +87,10 @@ def default_variants(device: torch.device, levers: bool, grid_dtypes: list[str],
             alt, label = "bfloat16", "bf16 autocast"
         out.append(dataclasses.replace(base, name=f"{label} instead of {auto}", dtype=alt))
         out.append(dataclasses.replace(base, name="torch.compile on", compile=True))
+        out.append(dataclasses.replace(base, name="fused head + loss on", loss_chunk=FUSED_LOSS_CHUNK))
+        if cuda:
+            out.append(dataclasses.replace(base, name="fused head + loss on, compiled", compile=True,
+                                           loss_chunk=FUSED_LOSS_CHUNK))
     for dtype in grid_dtypes:
         for comp in grid_compile:
             v = dataclasses.replace(base, name=f"{dtype}, compile {'on' if comp else 'off'}", dtype=dtype, compile=comp)
@@ -145,7 +156,8 @@ class Contender:
             lr = S.get_lr(state["step"], tcfg)
             for group in opt.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
-            result = S.train_step(fwd, opt, scaler, [loader()], grad_clip=clip, device=device, dtype=dtype)
+            result = S.train_step(fwd, opt, scaler, [loader()], grad_clip=clip, device=device, dtype=dtype,
+                                  loss_chunk=v.loss_chunk)
             state["step"] += int(result.finite)
             return result
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check on one CUDA GPU; every figure lands as JSON in OUTDIR. Each step below has a time
-# limit, and the limits add up to 12.5 minutes.
+# limit, and the limits add up to 13.75 minutes (a run on an H100 took about 8 of its 12.5 before
+# steps 1b and 3b were added).
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
@@ -9,8 +10,11 @@
 # 1. Training throughput at the seed's shape (6/6/384, vocab 50,257, block 128) with the "t4"
 #    preset's micro-batch (64 x 128 tokens): the plain reference, slm_utils with its GPU defaults, each
 #    lever switched off in turn (padded vocabulary, fused AdamW, pinned loads), and the fp16 (+
-#    GradScaler) and bf16 paths with torch.compile off and on. Also the evaluation share of
+#    GradScaler) and bf16 paths with torch.compile off and on, and the fused head + loss
+#    (TrainConfig.loss_chunk, 4,096-row chunks) eager and compiled. Also the evaluation share of
 #    compute and the derived T4 estimate. -> OUTDIR/train.json (+ summary.json, summary.md)
+# 1b. The head + loss alone at 8,192 rows, plain against fused in chunks of 1,024 to 8,192 rows:
+#    time and peak memory (bench/bench_fused_loss.py). -> OUTDIR/fused_loss.json
 # 2. Timed runs to two target val losses, the bigram baseline and 0.5 below it (see
 #    bench/time_to_loss.py): on the embedded Shakespeare corpus, the "t4" preset's recipe and the
 #    old GPT-2 + AdamW recipe, each eager and with torch.compile (its warm-up counted), at most 400
@@ -19,10 +23,12 @@
 #    get there compare fairly. -> OUTDIR/time_to_loss{,_compiled,_old,_old_compiled,_fp16,_seed}.json
 # 3. The notebook's GPU path, which CI (CPU only) never runs: every code cell in order as a plain
 #    script (bench/notebook_as_script.py), "t4" preset cut to 300 steps. -> OUTDIR/notebook.log
-# 4. The roofline projection (bench/project_gpu.py, CPU only, ~20 s), so that its prediction for
-#    this GPU sits beside the measurements: compare its "train_eager" / "train_compiled" tok/s with
-#    step 1's (BENCHMARKS.md section 8 says how). -> OUTDIR/projection.json, OUTDIR/projection.log
-# 5. The headline figures in one file. -> OUTDIR/gpu_check.json
+# 3b. Batch-1 greedy decoding of 512 new tokens: no cache, the KV cache, and the KV cache replayed
+#    from a CUDA graph (slm_utils.GraphDecoder), at contexts of 128 and 512 (bench/bench_decode.py).
+#    -> OUTDIR/decode.json
+# 4. The headline figures in one file. -> OUTDIR/gpu_check.json
+# The roofline projection (bench/project_gpu.py) needs no GPU: compare its committed
+# bench/projection.json with these figures afterwards (BENCHMARKS.md section 8 says how).
 #
 # A step that fails or runs out of time is reported and the others still run; the exit status
 # is non-zero if any step failed.
@@ -45,6 +51,8 @@ if [ "${SLM_GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   TTL_ARGS=(--device cpu --shape tiny --max-steps 6 --batch-size 4 --eval-interval 2 --eval-tokens 256)
   SEED_TTL_ARGS=(--device cpu --shape tiny --max-steps 3 --batch-size 2 --eval-interval 1 --eval-tokens 256)
   NB_ARGS=(--preset cpu --max-steps 4)
+  FUSED_ARGS=(--device cpu --rows 256 --width 32 --chunks 0,64 --reps 1)
+  DECODE_ARGS=(--device cpu --new 8 --repeats 1 --block-sizes 128)
 else
   "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: bench/gpu_check.sh needs a GPU')"
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,power.limit,clocks.max.sm \
@@ -54,6 +62,8 @@ else
   TTL_ARGS=(--device cuda --max-steps 400 --eval-interval 20)
   SEED_TTL_ARGS=(--device cuda --max-steps 150 --eval-interval 5)
   NB_ARGS=(--preset t4 --max-steps 300)
+  FUSED_ARGS=(--device cuda --rows 8192 --chunks 0,1024,2048,4096,8192)
+  DECODE_ARGS=(--device cuda --new 512 --repeats 3)
 fi
 
 failed=()
@@ -71,7 +81,9 @@ step() {  # step NAME SECONDS LOG COMMAND...: run it under a time limit, log it,
 
 # in a dry run the GPU tests only report themselves skipped
 step "GPU unit tests" 75 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step "training throughput" 160 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
+step "training throughput" 200 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
+step "fused head + loss alone" 30 "$OUT/fused_loss.log" \
+  "$PY" bench/bench_fused_loss.py --out "$OUT/fused_loss.json" "${FUSED_ARGS[@]}"
 for recipe in new old; do
   tag=$([ "$recipe" = old ] && echo "_old" || echo "")
   step "time to target val loss, $recipe recipe, eager" 50 "$OUT/time_to_loss$tag.log" \
@@ -88,8 +100,8 @@ NB_WORK="$(mktemp -d)"  # token files and checkpoints: large, and not figures
 step "the notebook's GPU path" 110 "$OUT/notebook.log" \
   "$PY" bench/notebook_as_script.py --out-dir "$NB_WORK" "${NB_ARGS[@]}"
 rm -rf "$NB_WORK"
-step "roofline projection, for comparison" 40 "$OUT/projection.log" \
-  "$PY" bench/project_gpu.py --out "$OUT/projection.json"
+step "decoding: cache and CUDA graph" 45 "$OUT/decode.log" \
+  "$PY" bench/bench_decode.py --out "$OUT/decode.json" "${DECODE_ARGS[@]}"
 
 "$PY" - "$OUT" "$((SECONDS - start))" "$(IFS=';'; echo "${failed[*]:-}")" <<'EOF'
 import json, sys
@@ -123,6 +135,14 @@ if train:
         "t4_estimate": train.get("t4_estimate"),
         "eval_share": {k: v["fraction"] for k, v in train["eval_cost"].items() if isinstance(v, dict)},
     })
+decode = load("decode.json")
+if decode:
+    summary["decode"] = [{k: r[k] for k in ("block_size", "tokens_per_s", "cache_over_no_cache", "graph_over_cache",
+                                            "same_tokens")} for r in decode["rows"]]
+fused = load("fused_loss.json")
+if fused:
+    summary["fused_loss"] = [{k: r[k] for k in ("chunk", "median_ms", "peak_extra_mb", "time_vs_plain",
+                                                "memory_vs_plain")} for r in fused["results"]]
 for key in ("time_to_loss", "time_to_loss_compiled", "time_to_loss_old", "time_to_loss_old_compiled",
             "time_to_loss_fp16", "time_to_loss_seed"):
     ttl = load(key + ".json")

@@ -21,7 +21,9 @@ What is traced, and how a CPU build is made to show what a CUDA build would run:
    ``.item()`` cannot run on meta tensors: the tracer answers it (1.0) without computing anything.
 2. CUDA autocast, which needs a CUDA build, is emulated by a ``TorchFunctionMode`` that casts the
    inputs of the matmul-type functions to bf16 (weights cast once per micro-batch, as autocast's
-   cache does), so activations, saved tensors and bytes carry the dtypes a GPU run has.
+   cache does), so activations, saved tensors and bytes carry the dtypes a GPU run has. Softmax and
+   log-softmax are told to compute in fp32 instead (autocast's policy for them: one kernel, no
+   copy). The model's forward is under autocast, inside an ``autograd.Function`` too.
 3. ``F.scaled_dot_product_attention`` is routed to the flash-attention op (the efficient-attention
    op for fp32, as in decoding), ``F.rms_norm`` to one fused op and ``F.dropout`` to
    ``native_dropout``, as on CUDA; on the meta device they would otherwise decompose into the
@@ -32,8 +34,9 @@ What is traced, and how a CPU build is made to show what a CUDA build would run:
 
 What it reports, per preset and chip, eager and compiled: training tokens/s, MFU, the full run's
 training, evaluation and checkpoint time, cached batch-1 decoding tokens/s, peak memory; a
-micro-batch sweep of the "t4" preset; and a check against the GPU figures measured on an H100 and
-recorded in BENCHMARKS.md.
+micro-batch sweep of the "t4" preset; the "t4" preset with the fused head + loss
+(``TrainConfig.loss_chunk``) against the plain one; and a check against the GPU figures measured
+on an H100 and recorded in BENCHMARKS.md.
 
     python bench/project_gpu.py [--presets seed t4 cpu] [--chips T4 L4 A100 H100]
                                 [--out bench/projection.json] [--measured-tok-s CHIP=VALUE ...]
@@ -505,7 +508,12 @@ def _machinery():
             self.state = state
 
         def _autocasting(self) -> bool:
-            return self.state.autocast is not None and (self.state.force_autocast or torch.is_grad_enabled())
+            # train_step's autocast covers the model's forward, not the backward or the optimizer.
+            # Grad mode tells them apart, except inside an autograd.Function's forward (the fused
+            # head + loss), where grad mode is off but autocast still applies
+            return self.state.autocast is not None and (
+                self.state.force_autocast or torch.is_grad_enabled()
+                or (self.state.region == "forward" and torch._C._current_autograd_node() is None))
 
         def _cast(self, t, dtype):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == dtype:
@@ -528,6 +536,10 @@ def _machinery():
                 return self._rms_norm(*args, **kwargs)
             if func is F.dropout:
                 return self._dropout(*args, **kwargs)
+            if self._autocasting() and func in (F.softmax, F.log_softmax) and kwargs.get("dtype") is None \
+                    and len(args) < 4:
+                # autocast's fp32_set_opt_dtype policy: the same kernel, told to compute in fp32
+                return func(*args, **{**kwargs, "dtype": torch.float32})
             if self._autocasting() and (func in self.LOWER or func in self.FP32):
                 dtype = self.state.autocast if func in self.LOWER else torch.float32
                 args, kwargs = tree_map(lambda t: self._cast(t, dtype), (args, kwargs))
@@ -567,10 +579,16 @@ def _machinery():
 
     def _gathered_reads(name, args, inputs, outputs):
         """(tensor, bytes read) of an op's inputs. Gather-like ops read only what they pick: the
-        embedding its looked-up rows, nll_loss one log-probability per row; nll_loss's backward
-        takes the log-probabilities for their shape only."""
+        embedding its looked-up rows, nll_loss one log-probability per row, gather and indexing
+        as many elements as they return; nll_loss's backward takes the log-probabilities for their
+        shape only, and an indexed write reads the values it puts."""
         if name == "embedding":  # (weight, indices): rows of the table, as many as the output holds
             return [(args[0], _distinct_bytes(outputs[0])), (args[1], _distinct_bytes(args[1]))]
+        if name in ("gather", "index"):  # (self, [dim,] index...): one element of self per output element
+            return [(args[0], outputs[0].numel() * args[0].element_size())] + [
+                (t, _distinct_bytes(t)) for t in inputs if t is not args[0]]
+        if name == "index_put_":  # (self, indices, values): self only where written (see _scattered_write)
+            return [(t, _distinct_bytes(t)) for t in inputs if t is not args[0]]
         if name == "nll_loss_forward":  # (self, target, ...): one element of self per target
             return [(args[0], args[1].numel() * args[0].element_size())] + [
                 (t, _distinct_bytes(t)) for t in inputs if t is not args[0]]
@@ -677,7 +695,10 @@ def _machinery():
                     reads[uid] = max(reads.get(uid, 0), t[1])
                 for t in written:
                     uid = self._uid(t, allocate=False)
-                    writes[uid] = max(writes.get(uid, 0), _distinct_bytes(t))
+                    nbytes = _distinct_bytes(t)
+                    if name == "index_put_" and t is args[0]:  # an indexed write touches as many elements as it puts
+                        nbytes = min(nbytes, args[2].numel() * t.element_size())
+                    writes[uid] = max(writes.get(uid, 0), nbytes)
             tensor_core = misaligned = False
             tiles = launches = k = 1
             if kind == "matmul":
@@ -832,7 +853,7 @@ def trace_train_step(mcfg, tcfg, fused: bool | None = None, amp: bool = True) ->
             with M.regions(model, state), M.GPUFunctionMode(state), rec, \
                     torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
                 S.train_step(model, M.PhaseOptimizer(optimizer, state), scaler, batches, grad_clip=tcfg.grad_clip,
-                             device="meta", dtype=torch.float32)
+                             device="meta", dtype=torch.float32, loss_chunk=tcfg.loss_chunk)
     opt_state = sum(t.untyped_storage().nbytes() for st in optimizer.state.values() for t in st.values()
                     if isinstance(t, torch.Tensor))
     storages = {}
@@ -856,7 +877,8 @@ def trace_eval_batch(mcfg, tcfg) -> Trace:
     state = M.State(autocast=torch.bfloat16, force_autocast=True)
     rec = M.Recorder(state)
     with M.regions(model, state), M.GPUFunctionMode(state), rec:
-        S.estimate_loss(model, x, x, batch_size=tcfg.eval_batch_size, device="meta", dtype=torch.float32)
+        S.estimate_loss(model, x, x, batch_size=tcfg.eval_batch_size, device="meta", dtype=torch.float32,
+                        loss_chunk=tcfg.loss_chunk)
     return Trace(rec.ops, rec.peak_bytes)
 
 
@@ -1148,6 +1170,33 @@ def micro_batch_sweep(name: str, batches: list[int], chips: list[str],
     return {"preset": name, "windows_per_step": windows, "tokens_per_step": windows * tcfg.block_size, "rows": rows}
 
 
+def fused_loss_levers(name: str, batches: list[int], chunks: list[int], chips: list[str],
+                      factors: tuple[float, float] | None = None) -> dict:
+    """The preset with the plain head + loss (chunk 0) and the fused one at each chunk size, at each
+    micro-batch size (tokens per optimizer step fixed): traced peak memory and tok/s."""
+    import dataclasses
+
+    S = _slm()
+    mcfg, tcfg = S.preset(name)
+    windows = tcfg.batch_size * tcfg.grad_accum_steps
+    rows = []
+    for B in batches:
+        for chunk in chunks:
+            cfg = dataclasses.replace(tcfg, batch_size=B, grad_accum_steps=windows // B, loss_chunk=chunk)
+            trace = trace_train_step(mcfg, cfg)
+            row = {"batch_size": B, "grad_accum_steps": windows // B, "loss_chunk": chunk, **peak_memory(trace),
+                   "flops": trace.flops(), "tok_s": {}}
+            for c in chips:
+                row["tok_s"][c] = {}
+                for mode in ("eager", "compiled"):
+                    step = step_cost(trace, cfg, CHIPS[c], mode)
+                    row["tok_s"][c][mode] = cfg.tokens_per_step / _seconds(step, None)
+                    if factors:
+                        row["tok_s"][c][mode + "_calibrated"] = cfg.tokens_per_step / _seconds(step, factors)
+            rows.append(row)
+    return {"preset": name, "rows": rows}
+
+
 # What BENCHMARKS.md recorded on an H100 80GB HBM3 (sections 2 and 5, 2026-11-26, two runs each).
 MEASURED_H100 = {
     "shape": "GPT-2 blocks 6/6/384, vocabulary 50,257 padded to 50,304, dropout 0.1, batch 64 x 128, "
@@ -1292,6 +1341,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(DEFAULT_OUT.relative_to(REPO)))
     parser.add_argument("--sweep", nargs="*", type=int, default=[8, 16, 32, 64, 128],
                         help="micro-batch sizes of the 't4' sweep (tokens per step fixed); none to skip")
+    parser.add_argument("--fused-loss", nargs="*", type=int, default=[1024, 4096],
+                        help="chunk sizes of the fused head + loss to price against the plain one; none to skip")
     parser.add_argument("--no-calibration", action="store_true",
                         help="skip the H100 check and the calibration fitted on it")
     parser.add_argument("--measured-tok-s", nargs="*", default=[], metavar="CHIP[:PRESET[:MODE]]=VALUE",
@@ -1358,6 +1409,23 @@ def main(argv: list[str] | None = None) -> dict:
                 cells.append(cell)
             print(f"| {r['batch_size']} x {r['grad_accum_steps']} | {r['peak_gib']:.1f} | "
                   f"{r['saved_activations_gib']:.1f} | {fit} | " + " | ".join(cells) + " |")
+
+    if args.fused_loss:
+        t = time.perf_counter()
+        fused = fused_loss_levers("t4", [64, 128], [0, *args.fused_loss], chips, factors)
+        result["fused_loss"] = fused
+        print(f"traced the fused head + loss in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        shown = [c for c in ("T4", "H100") if c in chips]
+        print("\n### the head + loss, plain (chunk 0) or fused in chunks of rows, preset 't4' "
+              "(tokens per optimizer step fixed)\n")
+        print("| micro-batch x accumulation | chunk | peak GiB | fits a 16 GB T4 | "
+              + " | ".join(f"{c} tok/s eager / compiled" for c in shown) + " |")
+        print("|---|---|---|---|" + "---|" * len(shown))
+        for r in fused["rows"]:
+            cells = [f"{r['tok_s'][c]['eager']:,.0f} / {r['tok_s'][c]['compiled']:,.0f}" for c in shown]
+            print(f"| {r['batch_size']} x {r['grad_accum_steps']} | {r['loss_chunk'] or 'plain'} | "
+                  f"{r['peak_gib']:.1f} | {'yes' if fits(r['peak_gib'], CHIPS['T4']) else 'NO'} | "
+                  + " | ".join(cells) + " |")
 
     if factors:
         cal = result["calibration"]

@@ -112,3 +112,48 @@ def test_padded_vocab_logits_equal_the_unpadded_ones_on_cuda():
     assert b.shape == a.shape == (2, 16, 50257)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(loss_a, loss_b)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fused_head_and_loss_on_cuda_matches_the_plain_one(dtype):
+    """TrainConfig.loss_chunk on the GPU, under autocast: the loss and the head's gradients as the
+    plain path has them, to the half-precision rounding of the logits."""
+    torch.manual_seed(0)
+    model = s.GPT(s.GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, dropout=0.0,
+                              pad_vocab_multiple=64)).cuda()
+    x = torch.randint(0, 50257, (8, 64), device="cuda")
+    results = []
+    for chunk in (0, 200):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=getattr(torch, dtype)):
+            _, loss = model(x, x, loss_chunk=chunk)
+        loss.backward()
+        results.append((loss.item(), model.lm_head.weight.grad.clone(), model.transformer.h[0].mlp.c_fc.weight.grad.clone()))
+    (plain, head0, fc0), (fused, head1, fc1) = results
+    assert fused == pytest.approx(plain, rel=2e-3)
+    for a, b in ((head0, head1), (fc0, fc1)):
+        assert (a - b).norm() / a.norm() < 0.02
+    assert head1[50257:].count_nonzero() == 0
+
+
+def test_compiled_training_with_the_fused_loss_learns(shakespeare_dir, tmp_path):
+    model, cfg = smoke(tmp_path, compile=True, loss_chunk=128)
+    assert learned(s.train(model, shakespeare_dir, cfg))
+
+
+def test_cuda_graph_decoding_equals_the_cached_decoding():
+    """GraphDecoder on the GPU: a graph is captured, replayed for every one-token step, and gives the
+    tokens of ordinary cached decoding, past block_size (window hops re-prefill the same cache)."""
+    torch.manual_seed(0)
+    model = s.GPT(s.GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)).cuda()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(20)  # lively: greedy decoding varies instead of repeating one token
+    prompt = torch.randint(0, 97, (2, 5), device="cuda")
+    graphed = model.generate(prompt, 100, temperature=0, cuda_graph=True)
+    assert torch.equal(graphed, model.generate(prompt, 100, temperature=0))
+    decoder = s.GraphDecoder(model, 1)
+    with torch.no_grad():
+        decoder.prefill(prompt[:1])
+        decoder.step(prompt[:1, -1:])
+    assert decoder.graph is not None and decoder.cache.length == 6

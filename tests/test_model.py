@@ -216,6 +216,40 @@ def test_greedy_cache_equals_no_cache_past_block_size(lively_model, use_sdpa):
     assert all(len(set(row.tolist())) >= 5 for row in cached[:, 5:])  # varied, so the check means something
 
 
+@pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "manual"])
+def test_static_cache_steps_equal_the_growing_cache(lively_model, use_sdpa):
+    """The fixed-shape steps a CUDA graph replays (GraphDecoder; on a CPU without the graph): the
+    same tokens as the ordinary cache past block_size, and the same logits at every step."""
+    model = lively_model.set_attention(use_sdpa)
+    prompt = tokens((2, 5), 97, 13)
+    static = model.generate(prompt, 60, temperature=0, cuda_graph=True)
+    assert torch.equal(static, model.generate(prompt, 60, temperature=0))
+    decoder, cache = slm_utils.GraphDecoder(model, 2), slm_utils.KVCache(model.config, 2, "cpu", torch.float32)
+    with torch.no_grad():
+        decoder.prefill(static[:, :5])
+        model(static[:, :5], cache=cache)
+        for t in range(5, 16):  # up to block_size
+            a = decoder.step(static[:, t:t + 1])
+            b, _ = model(static[:, t:t + 1], cache=cache, last_only=True)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert decoder.cache.length == cache.length == 16 and decoder.cache.pos.item() == 16
+    model.set_attention(True)
+
+
+def test_static_cache_with_rope_and_gqa_equals_the_growing_cache():
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_arch("llama", vocab_size=97, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                              dropout=0.0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(20)  # lively: greedy decoding varies instead of repeating one token
+    prompt = tokens((1, 3), 97, 5)
+    out = model.generate(prompt, 40, temperature=0, cuda_graph=True)
+    assert torch.equal(out, model.generate(prompt, 40, temperature=0))
+    assert len(set(out[0, 3:].tolist())) >= 5
+
+
 def test_greedy_continues_the_argmax_of_a_full_forward(lively_model):
     prompt = tokens((1, 6), 97, 14)
     out = lively_model.generate(prompt, 8, temperature=0)
@@ -390,3 +424,46 @@ def test_tanh_gelu_is_an_option():
     assert exact.act.approximate == "none" and tanh.act.approximate == "tanh"
     with pytest.raises(slm_utils.ConfigError, match="gelu_approximate"):
         slm_utils.GPTConfig(gelu_approximate="sigmoid")
+
+
+# ---- the fused head + loss (GPTConfig-independent: a forward option) ------------------
+
+@pytest.mark.parametrize("config", [
+    dict(pad_vocab_multiple=64),  # GPT-2 blocks, tied head, padded rows
+    dict(arch="llama", tie_weights=False, n_kv_head=1),
+], ids=["gpt2-tied-padded", "llama-untied"])
+def test_fused_loss_equals_plain_loss_and_gradients(config):
+    shape = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    cfg = GPTConfig.from_arch(config.pop("arch", "gpt2"), **shape, **config)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x, y = tokens((3, 16), 97, 1), tokens((3, 16), 97, 2)
+    y[0, :5] = -1  # ignored targets count in neither loss
+    grads = []
+    for chunk in (0, 7):  # 48 rows in chunks of 7: the last chunk is short
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(x, y, loss_chunk=chunk)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        assert (logits is None) == (chunk > 0)
+    (plain, g0), (fused, g1) = grads
+    assert fused == pytest.approx(plain, abs=1e-6)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-6, rtol=1e-4), name
+    assert model.lm_head.weight.grad[97:].count_nonzero() == 0  # padded rows, if any, get no gradient
+
+
+def test_fused_loss_without_grad_and_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=97))
+    x, y = tokens((2, 16), 97, 3), tokens((2, 16), 97, 4)
+    with torch.no_grad():
+        assert model(x, y, loss_chunk=5)[1].item() == pytest.approx(model(x, y)[1].item(), abs=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain, fused = model(x, y)[1], model(x, y, loss_chunk=5)[1]
+    assert fused.dtype == torch.float32 and fused.item() == pytest.approx(plain.item(), rel=1e-3)
+
+
+def test_negative_loss_chunk_is_a_config_error():
+    with pytest.raises(ConfigError, match="loss_chunk=-1"):
+        slm_utils.TrainConfig(loss_chunk=-1)

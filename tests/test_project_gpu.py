@@ -180,3 +180,16 @@ def test_memory_timeline_matches_what_a_cpu_step_allocates():
         peak = max(peak, live)
     traced = pg.trace_train_step(mcfg, tcfg, amp=False)
     assert traced.peak_live == pytest.approx(peak, rel=0.02)
+
+
+def test_fused_head_and_loss_keeps_the_flops_and_cuts_the_peak():
+    """TrainConfig.loss_chunk traced: the same matmul FLOPs (to 1%), all in bf16, a lower peak, and
+    indexed writes priced by what they write, not by the whole tensor."""
+    mcfg = small_config(vocab_size=50257, pad_vocab_multiple=64)
+    plain, fused = (pg.trace_train_step(mcfg, small_train_config(batch_size=16, loss_chunk=chunk)) for chunk in (0, 64))
+    assert fused.flops() == pytest.approx(plain.flops(), rel=0.01)
+    assert pg.peak_memory(fused)["peak_gib"] < pg.peak_memory(plain)["peak_gib"]
+    head = [op for op in fused.ops if op.kind == "matmul" and op.region == "forward" and op.flops > 0]
+    assert head and all(op.tensor_core for op in head)
+    puts = [op for op in fused.ops if op.name == "index_put_"]
+    assert puts and all(op.bytes < 64 * 1024 for op in puts)  # 64 rows' targets, not 64 x 50,304 logits

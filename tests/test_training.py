@@ -484,6 +484,19 @@ def test_background_checkpoints_save_the_same_state(shakespeare_dir, tmp_path, m
         train(GPT(model_cfg), shakespeare_dir, dataclasses.replace(cfg, out_dir=str(tmp_path / "full")))
 
 
+def test_fused_loss_trains_like_the_plain_head(shakespeare_dir, tmp_path):
+    """train() with TrainConfig.loss_chunk: the same losses as without, to rounding, in training and
+    in evaluation."""
+    runs = {}
+    for chunk in (0, 100):  # the smoke preset's micro-batch has 256 rows: 3 chunks, the last short
+        model_cfg, cfg = preset("smoke", out_dir=str(tmp_path / str(chunk)), loss_chunk=chunk)
+        torch.manual_seed(0)
+        runs[chunk] = train(GPT(model_cfg), shakespeare_dir, cfg)
+    for key in ("train_loss", "val_loss"):
+        assert runs[100][key] == pytest.approx(runs[0][key], abs=2e-4), key
+    assert runs[100]["val_loss"][-1] < runs[100]["val_loss"][0] - 0.1  # and it learns
+
+
 # ---- plotting ---------------------------------------------------------------------------------
 
 
