@@ -25,9 +25,10 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 
 # The presets' recipe before the architecture and optimizer options, as preset overrides: GPT-2
-# blocks, tied head, AdamW, no curriculum. (The old "t4" also had AdamW at 8e-4; time_to_loss.py adds it.)
+# blocks, tied head, AdamW, no curriculum, the plain head + loss. (The old "t4" also had AdamW at 8e-4;
+# time_to_loss.py adds it.)
 OLD_RECIPE = dict(arch="gpt2", n_kv_head=None, tie_weights=True, optimizer="adamw", embedding_lr=None,
-                  curriculum_steps=0)
+                  curriculum_steps=0, loss_chunk=0)
 
 
 # ---- machine -------------------------------------------------------------------------

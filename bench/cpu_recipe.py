@@ -3,6 +3,7 @@
     python bench/cpu_recipe.py --out /tmp/run.json                                   # the preset
     python bench/cpu_recipe.py --out /tmp/old.json --set arch=gpt2 --set tie_weights=False ...
     python bench/cpu_recipe.py --out /tmp/speed.json --compare-old 30    # tokens/s, new against old
+    python bench/cpu_recipe.py --out /tmp/fused.json --compare-old 30 --old loss_chunk=1024   # or any change
 
 This is how the "cpu" preset's recipe was chosen at its real shape (GPT-2 vocabulary, 800 steps):
 each candidate is ``slm_utils.preset("cpu", **overrides)`` trained by ``slm_utils.train`` from
@@ -29,10 +30,11 @@ import slm_utils as S
 
 
 
-def compare_old(data_dir, steps: int) -> dict:
-    """Median tokens/s of the preset and of common.OLD_RECIPE, timed step by step in turn."""
+def compare_old(data_dir, steps: int, other: dict | None = None) -> dict:
+    """Median tokens/s of the preset ("new") and of ``other`` overrides of it ("old"; default
+    common.OLD_RECIPE), timed step by step in turn, each step through slm_utils.train_step."""
     runs = {}
-    for name, over in (("new", {}), ("old", common.OLD_RECIPE)):
+    for name, over in (("new", {}), ("old", common.OLD_RECIPE if other is None else other)):
         model_cfg, cfg = S.preset("cpu", **over)
         torch.manual_seed(cfg.seed)
         model = S.GPT(model_cfg)
@@ -43,10 +45,11 @@ def compare_old(data_dir, steps: int) -> dict:
         for model, opt, cfg, times in runs.values():
             batch = [S.get_batch(data_dir, "train", cfg.batch_size, cfg.block_size, "cpu", gen)]
             t0 = time.perf_counter()
-            S.train_step(model, opt, scaler, batch, grad_clip=cfg.grad_clip)
+            S.train_step(model, opt, scaler, batch, grad_clip=cfg.grad_clip, loss_chunk=cfg.loss_chunk)
             times.append(cfg.tokens_per_step / (time.perf_counter() - t0))
     rates = {name: sorted(r[3][2:])[steps // 2] for name, r in runs.items()}  # median, warm-up dropped
-    return {"tokens_per_s": rates, "new_over_old": rates["new"] / rates["old"], "steps": steps}
+    return {"tokens_per_s": rates, "new_over_old": rates["new"] / rates["old"], "steps": steps,
+            "old": common.OLD_RECIPE if other is None else other}
 
 
 def main(argv=None) -> int:
@@ -55,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a preset override")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compare-old", type=int, default=0, metavar="N", help="only time N steps, new against old")
+    p.add_argument("--old", action="append", default=None, metavar="FIELD=VALUE",
+                   help="with --compare-old: the preset with these overrides stands for 'old'")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,7 +67,9 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="slm-cpu-recipe-"))
     S.prepare_data("shakespeare", work / "data")
     if args.compare_old:
-        result = {"machine": common.machine_info(torch.device("cpu")), **compare_old(work / "data", args.compare_old)}
+        other = S.parse_overrides(args.old) if args.old else None
+        result = {"machine": common.machine_info(torch.device("cpu")),
+                  **compare_old(work / "data", args.compare_old, other)}
         common.write_json(args.out, result)
         print(f"tokens/s: new {result['tokens_per_s']['new']:,.0f}, old {result['tokens_per_s']['old']:,.0f} "
               f"(new / old = {result['new_over_old']:.2f})")

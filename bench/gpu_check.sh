@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check on one CUDA GPU; every figure lands as JSON in OUTDIR. Each step below has a time
-# limit, and the limits add up to 13.75 minutes (a run on an H100 took about 8 of its 12.5 before
-# steps 1b and 3b were added).
+# limit, and the limits add up to 14 minutes (a run on an H100 took about 8 of its 12.5 before
+# steps 1b and 3b and four more GPU tests were added).
 #
 #   bash bench/gpu_check.sh OUTDIR
 #
@@ -80,7 +80,7 @@ step() {  # step NAME SECONDS LOG COMMAND...: run it under a time limit, log it,
 }
 
 # in a dry run the GPU tests only report themselves skipped
-step "GPU unit tests" 75 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+step "GPU unit tests" 110 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step "training throughput" 200 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
 step "fused head + loss alone" 30 "$OUT/fused_loss.log" \
   "$PY" bench/bench_fused_loss.py --out "$OUT/fused_loss.json" "${FUSED_ARGS[@]}"
@@ -97,7 +97,7 @@ step "time to target val loss, new recipe, fp16 + GradScaler (as on a T4)" 50 "$
 step "time to target val loss, seed recipe" 75 "$OUT/time_to_loss_seed.log" \
   "$PY" bench/time_to_loss.py --recipe seed --out "$OUT/time_to_loss_seed.json" "${SEED_TTL_ARGS[@]}"
 NB_WORK="$(mktemp -d)"  # token files and checkpoints: large, and not figures
-step "the notebook's GPU path" 110 "$OUT/notebook.log" \
+step "the notebook's GPU path" 95 "$OUT/notebook.log" \
   "$PY" bench/notebook_as_script.py --out-dir "$NB_WORK" "${NB_ARGS[@]}"
 rm -rf "$NB_WORK"
 step "decoding: cache and CUDA graph" 45 "$OUT/decode.log" \

@@ -1142,6 +1142,19 @@ def project_preset(name: str, chips: list[str], factors: tuple[float, float] | N
     return {"run": run, "chips": per_chip}
 
 
+def _step_rates(trace: Trace, tcfg, chips: list[str], factors: tuple[float, float] | None) -> dict:
+    """Training tok/s of a traced step on each chip, eager and compiled (and calibrated, with factors)."""
+    rates = {}
+    for c in chips:
+        rates[c] = {}
+        for mode in ("eager", "compiled"):
+            step = step_cost(trace, tcfg, CHIPS[c], mode)
+            rates[c][mode] = tcfg.tokens_per_step / _seconds(step, None)
+            if factors:
+                rates[c][mode + "_calibrated"] = tcfg.tokens_per_step / _seconds(step, factors)
+    return rates
+
+
 def micro_batch_sweep(name: str, batches: list[int], chips: list[str],
                       factors: tuple[float, float] | None = None) -> dict:
     """The preset at other micro-batch sizes, tokens per optimizer step held fixed."""
@@ -1157,16 +1170,9 @@ def micro_batch_sweep(name: str, batches: list[int], chips: list[str],
         cfg = dataclasses.replace(tcfg, batch_size=B, grad_accum_steps=windows // B)
         trace = trace_train_step(mcfg, cfg)
         memory = peak_memory(trace)
-        row = {"batch_size": B, "grad_accum_steps": windows // B, **memory,
-               "fits": {c: fits(memory["peak_gib"], CHIPS[c]) for c in chips}, "tok_s": {}}
-        for c in chips:
-            row["tok_s"][c] = {}
-            for mode in ("eager", "compiled"):
-                step = step_cost(trace, cfg, CHIPS[c], mode)
-                row["tok_s"][c][mode] = cfg.tokens_per_step / _seconds(step, None)
-                if factors:
-                    row["tok_s"][c][mode + "_calibrated"] = cfg.tokens_per_step / _seconds(step, factors)
-        rows.append(row)
+        rows.append({"batch_size": B, "grad_accum_steps": windows // B, **memory,
+                     "fits": {c: fits(memory["peak_gib"], CHIPS[c]) for c in chips},
+                     "tok_s": _step_rates(trace, cfg, chips, factors)})
     return {"preset": name, "windows_per_step": windows, "tokens_per_step": windows * tcfg.block_size, "rows": rows}
 
 
@@ -1184,16 +1190,9 @@ def fused_loss_levers(name: str, batches: list[int], chunks: list[int], chips: l
         for chunk in chunks:
             cfg = dataclasses.replace(tcfg, batch_size=B, grad_accum_steps=windows // B, loss_chunk=chunk)
             trace = trace_train_step(mcfg, cfg)
-            row = {"batch_size": B, "grad_accum_steps": windows // B, "loss_chunk": chunk, **peak_memory(trace),
-                   "flops": trace.flops(), "tok_s": {}}
-            for c in chips:
-                row["tok_s"][c] = {}
-                for mode in ("eager", "compiled"):
-                    step = step_cost(trace, cfg, CHIPS[c], mode)
-                    row["tok_s"][c][mode] = cfg.tokens_per_step / _seconds(step, None)
-                    if factors:
-                        row["tok_s"][c][mode + "_calibrated"] = cfg.tokens_per_step / _seconds(step, factors)
-            rows.append(row)
+            rows.append({"batch_size": B, "grad_accum_steps": windows // B, "loss_chunk": chunk,
+                         **peak_memory(trace), "flops": trace.flops(),
+                         "tok_s": _step_rates(trace, cfg, chips, factors)})
     return {"preset": name, "rows": rows}
 
 

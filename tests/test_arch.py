@@ -268,8 +268,30 @@ def test_resuming_with_another_optimizer_is_refused(shakespeare_dir, tmp_path):
     cfg = s.TrainConfig(max_steps=2, warmup_steps=0, batch_size=2, block_size=16, eval_interval=2, eval_tokens=64,
                         out_dir=str(tmp_path))
     s.train(model, shakespeare_dir, cfg)
+    muon = dataclasses.replace(cfg, optimizer="muon", max_steps=4)
+    with pytest.raises(s.CheckpointError, match="another recipe: optimizer: checkpoint 'adamw' vs 'muon'.*Fix: start"):
+        s.train(model, shakespeare_dir, muon, resume=True)
+    # loaded directly, without the recipe to compare, the optimizer state itself is refused
     with pytest.raises(s.CheckpointError, match="optimizer.*Fix: resume with the optimizer"):
-        s.train(model, shakespeare_dir, dataclasses.replace(cfg, optimizer="muon", max_steps=4), resume=True)
+        s.load_checkpoint(tmp_path / "last.pt", model, s.configure_optimizer(model, muon))
+
+
+def test_resuming_with_another_recipe_names_the_fields_and_loads_nothing(shakespeare_dir, tmp_path):
+    """A recipe field that changes the weights' path (here lr and Muon's momentum) is refused before any
+    weight is touched; a field in RESUMABLE_CHANGES (max_steps, loss_chunk) is not."""
+    torch.manual_seed(0)
+    model = s.GPT(s.GPTConfig(**{**TINY, "vocab_size": 50257}))
+    cfg = s.TrainConfig(max_steps=2, warmup_steps=0, batch_size=2, block_size=16, eval_interval=2, eval_tokens=64,
+                        out_dir=str(tmp_path))
+    s.train(model, shakespeare_dir, cfg)
+    fresh = s.GPT(s.GPTConfig(**{**TINY, "vocab_size": 50257}))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    changed = dataclasses.replace(cfg, learning_rate=1e-3, muon_momentum=0.9)
+    with pytest.raises(s.CheckpointError, match="learning_rate: checkpoint 0.0006 vs 0.001; muon_momentum: "):
+        s.train(fresh, shakespeare_dir, changed, resume=True)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+    longer = dataclasses.replace(cfg, max_steps=3, loss_chunk=16)
+    assert s.train(fresh, shakespeare_dir, longer, resume=True)["step"][-1] == 3
 
 
 # ---- training options -------------------------------------------------------------------------

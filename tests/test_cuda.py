@@ -149,11 +149,13 @@ def test_cuda_graph_decoding_equals_the_cached_decoding():
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(20)  # lively: greedy decoding varies instead of repeating one token
-    prompt = torch.randint(0, 97, (2, 5), device="cuda")
-    graphed = model.generate(prompt, 100, temperature=0, cuda_graph=True)
-    assert torch.equal(graphed, model.generate(prompt, 100, temperature=0))
-    decoder = s.GraphDecoder(model, 1)
-    with torch.no_grad():
-        decoder.prefill(prompt[:1])
-        decoder.step(prompt[:1, -1:])
-    assert decoder.graph is not None and decoder.cache.length == 6
+    for length in (5, 31):  # 31: the first step fills the last slot of the 32-token context
+        prompt = torch.randint(0, 97, (2, length), device="cuda")
+        graphed = model.generate(prompt, 100, temperature=0, cuda_graph=True)
+        assert torch.equal(graphed, model.generate(prompt, 100, temperature=0))
+    decoder = s.GraphDecoder(model, 2)
+    decoder.prefill(prompt[:, :5])
+    decoder.step(prompt[:, 5:6])
+    assert decoder.graph is not None and decoder.cache.length == 6 and decoder.cache.pos.item() == 6
+    again = model.generate(prompt[:, :5], 40, temperature=0, cuda_graph=decoder)  # the captured graph, reused
+    assert torch.equal(again, model.generate(prompt[:, :5], 40, temperature=0))

@@ -453,6 +453,18 @@ def test_fused_loss_equals_plain_loss_and_gradients(config):
     assert model.lm_head.weight.grad[97:].count_nonzero() == 0  # padded rows, if any, get no gradient
 
 
+def test_static_cache_under_autocast_and_a_full_cache(lively_model):
+    prompt = tokens((1, 15), 97, 7)  # block_size - 1: the first step fills the last slot
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # k, v come out bf16; the cache is fp32
+        out = lively_model.generate(prompt, 20, temperature=0, cuda_graph=True)
+    assert out.shape == (1, 35)
+    decoder = slm_utils.GraphDecoder(lively_model, 1)
+    decoder.prefill(prompt)
+    decoder.step(prompt[:, -1:])
+    with pytest.raises(ConfigError, match="cache is full"):
+        decoder.step(prompt[:, -1:])
+
+
 def test_fused_loss_without_grad_and_under_bf16_autocast():
     torch.manual_seed(0)
     model = GPT(tiny(vocab_size=97))
