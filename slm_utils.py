@@ -1992,9 +1992,10 @@ def load_checkpoint(path, model: nn.Module | None = None, optimizer=None, scaler
     """Load and validate a checkpoint; fill ``model`` / ``optimizer`` / ``scaler`` when given.
 
     Returns the checkpoint dict, with ``ckpt["gpt"]`` the model (built from the saved config
-    when ``model`` is None). Every failure is a ``CheckpointError`` that says what to do, and
-    comes before anything is loaded. ``train_config`` (resuming): the checkpoint's recipe must be
-    the same, apart from the fields in ``RESUMABLE_CHANGES``.
+    when ``model`` is None). Every failure is a ``CheckpointError`` that says what to do; those
+    about the file, the model, the recipe and the data come before any weight is loaded.
+    ``train_config`` (resuming): the checkpoint's recipe must be the same, apart from the fields
+    in ``RESUMABLE_CHANGES``.
     """
     path = Path(path)
     if not path.is_file():
@@ -2417,7 +2418,7 @@ def preset(name: str, **overrides) -> tuple[GPTConfig, TrainConfig]:
                                 eval_tokens=16_384, patience=1000, optimizer="muon", muon_lr=0.02,
                                 muon_momentum=0.9, embedding_lr=2e-2, curriculum_steps=200, curriculum_start=32,
                                 loss_chunk=1024,  # the fused head + loss: the same loss, a 1.2x faster step here
-                                # 16 windows' logits are 0.4 GB; the default 64 would make them 1.6 GB
+                                # with the plain head (loss_chunk=0) 16 windows' logits are 0.4 GB, 64 would be 1.6
                                 eval_batch_size=16)
     elif name == "gpt2-finetune":
         model = GPTConfig.from_arch("gpt2", block_size=512, n_layer=12, n_head=12, n_embd=768, dropout=0.1,
