@@ -1156,6 +1156,10 @@ class GPT(nn.Module):
             cache, cache_start = None, -1
             decoder = cuda_graph if isinstance(cuda_graph, GraphDecoder) else \
                 GraphDecoder(self, idx.size(0)) if cuda_graph and use_kv_cache else None
+            if decoder is not None and (decoder.model is not self or decoder.token.size(0) != idx.size(0)):
+                raise ConfigError(f"This GraphDecoder was made for another model or batch size "
+                                  f"({decoder.token.size(0)} rows; the prompt has {idx.size(0)}). Fix: "
+                                  "GraphDecoder(model, batch_size) for this model and batch, or cuda_graph=True.")
             for _ in range(max_new_tokens):
                 start = context_start(seq.size(1), bs)
                 if not use_kv_cache:

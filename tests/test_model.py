@@ -463,6 +463,8 @@ def test_static_cache_under_autocast_and_a_full_cache(lively_model):
     decoder.step(prompt[:, -1:])
     with pytest.raises(ConfigError, match="cache is full"):
         decoder.step(prompt[:, -1:])
+    with pytest.raises(ConfigError, match="another model or batch size .1 rows; the prompt has 2"):
+        lively_model.generate(tokens((2, 3), 97, 8), 4, cuda_graph=decoder)
 
 
 def test_fused_loss_without_grad_and_under_bf16_autocast():
