@@ -912,12 +912,10 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:  # rotate queries and keys by their absolute positions (cos, sin: (T, hs))
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past, visible = 0, None
-        if cache is not None and cache.static and T == 1:  # fixed shapes: every slot, masked
+        if cache is not None:
             past = cache.length
-            k, v, visible = cache.update_static(layer, k, v)  # (B, n_kv, T_max, hs) x 2, (1, T_max)
-        elif cache is not None:
-            past = cache.length
-            k, v = cache.update(layer, k, v)  # (B, n_kv, past + T, hs)
+            # (B, n_kv, past + T, hs) each; a static cache's step: every slot, and which it may see
+            k, v, visible = cache.update(layer, k, v)
         if nkv != nh:  # GQA: each key/value head serves nh / n_kv consecutive query heads
             k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, past + T, hs)
             v = v.repeat_interleave(nh // nkv, dim=1)
@@ -1013,6 +1011,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # The whole padded width is used: its multiple-of-64 rows are what keeps the matmuls fast
         mm_dtype = (x[:1] @ weight[:1].t()).dtype
         w, xm = weight.to(mm_dtype), x.to(mm_dtype)  # (Vp, C), (N, C)
+        rows = torch.arange(min(chunk, x.size(0)), device=x.device)  # each row's own target column
         for s in range(0, x.size(0), chunk):
             xc, yc, kc = xm[s:s + chunk], targets[s:s + chunk].clamp(min=0), keep[s:s + chunk, None]
             z = xc @ w.t()  # (n, Vp) logits in the matmul dtype
@@ -1021,7 +1020,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             total -= (logp.gather(1, yc[:, None]) * kc).sum()
             if need_grad:
                 g = logp.exp_()  # softmax, in place: (n, Vp)
-                g[torch.arange(len(yc), device=g.device), yc] -= 1.0  # d(row's loss)/d(logits), in [-1, 1]
+                g[rows[:len(yc)], yc] -= 1.0  # d(row's loss)/d(logits), in [-1, 1]
                 # one cast to the matmul dtype for both matmuls. The division by the count comes
                 # afterwards, in fp32, so that fp16 does not flush small entries of g to zero.
                 # Ignored rows are zeroed in the (n, C) tensors, not in the (n, Vp) one: cheaper.
@@ -1106,12 +1105,12 @@ class GPT(nn.Module):
                 "Fix: crop the input to the last block_size tokens (generate() does this for you).")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
-        static = cache is not None and cache.static and T == 1  # the position is a device tensor
+        pos = cache.step_position(T) if cache is not None else None  # (1,) on the device, or None
         if self.config.pos_emb == "learned":
-            pos = cache.pos.view(1) if static else torch.arange(past, past + T, device=idx.device)  # (T,)
+            pos = pos if pos is not None else torch.arange(past, past + T, device=idx.device)  # (T,)
             x = x + self.transformer.wpe(pos)  # + (T, C)
-        elif static:
-            rope = (self.rope_cos[cache.pos.view(1)], self.rope_sin[cache.pos.view(1)])  # (1, hs) each
+        elif pos is not None:  # a static cache's step
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (1, hs) each
         else:  # rotary: positions enter inside attention, as rotations of q and k
             rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])  # (T, hs) each
         x = self.transformer.drop(x)
@@ -1282,21 +1281,29 @@ class KVCache:
         if static:
             self.pos = torch.zeros((), dtype=torch.long, device=device)  # == length, on the device
             self.slots = torch.arange(config.block_size, device=device)  # (T_max,)
+            self.visible = None  # (1, T_max) bool: the slots this step's query may see, set at layer 0
 
-    def update_static(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """One token's k, v (B, n_kv, 1, hs) into slot ``pos``; returns every slot's keys and values
-        (B, n_kv, T_max, hs) and which slots the query may see, (1, T_max) bool."""
-        self.k[layer].index_copy_(2, self.pos.view(1), k.to(self.k.dtype))  # autocast may give bf16 / fp16
-        self.v[layer].index_copy_(2, self.pos.view(1), v.to(self.v.dtype))
-        return self.k[layer], self.v[layer], (self.slots <= self.pos).view(1, -1)
+    def step_position(self, t: int) -> torch.Tensor | None:
+        """The position of a static cache's one-token step, (1,) on the device; None otherwise
+        (then positions are ``length`` .. ``length + t - 1``, known on the host)."""
+        return self.pos.view(1) if self.static and t == 1 else None
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v (B, n_kv, t, hs) for ``layer``; return all keys/values so far."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k, v (B, n_kv, t, hs) for ``layer``. Returns all keys and values so far,
+        (B, n_kv, length + t, hs) each, and None. A static cache's one-token step returns every
+        slot, (B, n_kv, T_max, hs), and which slots the query may see, (1, T_max) bool."""
         t = k.size(2)
+        pos = self.step_position(t)
+        if pos is not None:  # fixed shapes: the slot is chosen on the device
+            self.k[layer].index_copy_(2, pos, k.to(self.k.dtype))  # autocast may give bf16 / fp16
+            self.v[layer].index_copy_(2, pos, v.to(self.v.dtype))
+            if layer == 0:  # the same for every layer of this step
+                self.visible = (self.slots <= self.pos).view(1, -1)
+            return self.k[layer], self.v[layer], self.visible
         self.k[layer, :, :, self.length:self.length + t] = k
         self.v[layer, :, :, self.length:self.length + t] = v
         end = self.length + t
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], None
 
     def advance(self, t: int):
         self.length += t

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import slm_utils as S  # noqa: E402
-from common import machine_info, machine_line  # noqa: E402
+from common import machine_info, machine_line, time_call  # noqa: E402
 
 
 def throttled(rate_bytes_s: float):
@@ -64,9 +64,7 @@ def main(argv=None) -> int:
             out = Path(tmp)
 
             def timed(fn):
-                t0 = time.perf_counter()
-                fn()
-                return time.perf_counter() - t0
+                return time_call(fn, "cpu")
 
             full = dict(step=1000, train_config=cfg, history=history)
             pair = timed(lambda: S.save_checkpoint(out / "last.pt", model, optimizer, None, copies=[out / "best.pt"], **full))

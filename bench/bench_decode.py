@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import sys
 from pathlib import Path
@@ -37,13 +38,12 @@ def time_modes(block_size: int, new: int, repeats: int, device: torch.device) ->
     prompt = torch.tensor([S.get_tokenizer().encode("HAMLET.\nTo be, or not to be")], device=device)
     decoder = S.GraphDecoder(model, 1)  # one capture, reused by every graph run
     runs = {"no_cache": dict(use_kv_cache=False), "kv_cache": dict(), "kv_cache_cuda_graph": dict(cuda_graph=decoder)}
-    outputs, first, times = {}, {}, {m: [] for m in runs}
+    outputs, first = {}, {}
     for mode, kw in runs.items():  # warm-up: allocator, kernels, the graph's capture
         first[mode] = common.time_call(lambda: outputs.__setitem__(
             mode, model.generate(prompt, new, temperature=0.0, **kw)), device)
-    for _ in range(repeats):
-        for mode, kw in runs.items():
-            times[mode].append(common.time_call(lambda: model.generate(prompt, new, temperature=0.0, **kw), device))
+    times = common.interleaved({m: functools.partial(model.generate, prompt, new, temperature=0.0, **kw)
+                                for m, kw in runs.items()}, device, warmup=0, rounds=repeats)
     rates = {m: new / statistics.median(t) for m, t in times.items()}
     return {"block_size": block_size, "new_tokens": new, "prompt_tokens": prompt.size(1),
             "tokens_per_s": rates, "seconds": times, "first_call_seconds": first,

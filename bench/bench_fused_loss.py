@@ -50,7 +50,7 @@ def _step_fn(chunk: int, x, w, y, dtype: torch.dtype):
     device = x.device
 
     def step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with S._autocast(device, dtype):  # as train_step runs the forward
             if chunk:
                 loss = S.fused_linear_cross_entropy(x, w, y, VOCAB, chunk)
             else:

@@ -1142,8 +1142,10 @@ def project_preset(name: str, chips: list[str], factors: tuple[float, float] | N
     return {"run": run, "chips": per_chip}
 
 
-def _step_rates(trace: Trace, tcfg, chips: list[str], factors: tuple[float, float] | None) -> dict:
-    """Training tok/s of a traced step on each chip, eager and compiled (and calibrated, with factors)."""
+def _variant_row(mcfg, tcfg, chips: list[str], factors: tuple[float, float] | None) -> dict:
+    """One traced variant of a preset's step: its micro-batch, peak memory, FLOPs, and training tok/s
+    on each chip, eager and compiled (and calibrated, with factors)."""
+    trace = trace_train_step(mcfg, tcfg)
     rates = {}
     for c in chips:
         rates[c] = {}
@@ -1152,7 +1154,8 @@ def _step_rates(trace: Trace, tcfg, chips: list[str], factors: tuple[float, floa
             rates[c][mode] = tcfg.tokens_per_step / _seconds(step, None)
             if factors:
                 rates[c][mode + "_calibrated"] = tcfg.tokens_per_step / _seconds(step, factors)
-    return rates
+    return {"batch_size": tcfg.batch_size, "grad_accum_steps": tcfg.grad_accum_steps, **peak_memory(trace),
+            "flops": trace.flops(), "tok_s": rates}
 
 
 def micro_batch_sweep(name: str, batches: list[int], chips: list[str],
@@ -1167,12 +1170,9 @@ def micro_batch_sweep(name: str, batches: list[int], chips: list[str],
     for B in batches:
         if windows % B:
             continue
-        cfg = dataclasses.replace(tcfg, batch_size=B, grad_accum_steps=windows // B)
-        trace = trace_train_step(mcfg, cfg)
-        memory = peak_memory(trace)
-        rows.append({"batch_size": B, "grad_accum_steps": windows // B, **memory,
-                     "fits": {c: fits(memory["peak_gib"], CHIPS[c]) for c in chips},
-                     "tok_s": _step_rates(trace, cfg, chips, factors)})
+        row = _variant_row(mcfg, dataclasses.replace(tcfg, batch_size=B, grad_accum_steps=windows // B),
+                           chips, factors)
+        rows.append({**row, "fits": {c: fits(row["peak_gib"], CHIPS[c]) for c in chips}})
     return {"preset": name, "windows_per_step": windows, "tokens_per_step": windows * tcfg.block_size, "rows": rows}
 
 
@@ -1189,10 +1189,7 @@ def fused_loss_levers(name: str, batches: list[int], chunks: list[int], chips: l
     for B in batches:
         for chunk in chunks:
             cfg = dataclasses.replace(tcfg, batch_size=B, grad_accum_steps=windows // B, loss_chunk=chunk)
-            trace = trace_train_step(mcfg, cfg)
-            rows.append({"batch_size": B, "grad_accum_steps": windows // B, "loss_chunk": chunk,
-                         **peak_memory(trace), "flops": trace.flops(),
-                         "tok_s": _step_rates(trace, cfg, chips, factors)})
+            rows.append({**_variant_row(mcfg, cfg, chips, factors), "loss_chunk": chunk})
     return {"preset": name, "rows": rows}
 
 
