@@ -1152,31 +1152,23 @@ class GPT(nn.Module):
         try:
             seq = idx
             done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-            cache, cache_start = None, -1
-            decoder = cuda_graph if isinstance(cuda_graph, GraphDecoder) else \
-                GraphDecoder(self, idx.size(0)) if cuda_graph and use_kv_cache else None
-            if decoder is not None and (decoder.model is not self or decoder.token.size(0) != idx.size(0)):
+            cache_start = -1  # where the cached window begins; -1: nothing cached yet
+            decoder = cuda_graph if isinstance(cuda_graph, GraphDecoder) else None
+            if decoder is not None and (decoder.model is not self or decoder.batch_size != idx.size(0)):
                 raise ConfigError(f"This GraphDecoder was made for another model or batch size "
-                                  f"({decoder.token.size(0)} rows; the prompt has {idx.size(0)}). Fix: "
+                                  f"({decoder.batch_size} rows; the prompt has {idx.size(0)}). Fix: "
                                   "GraphDecoder(model, batch_size) for this model and batch, or cuda_graph=True.")
+            if decoder is None and use_kv_cache:
+                decoder = (GraphDecoder if cuda_graph else CachedDecoder)(self, idx.size(0))
             for _ in range(max_new_tokens):
                 start = context_start(seq.size(1), bs)
                 if not use_kv_cache:
                     logits, _ = self(seq[:, start:], last_only=True)
-                elif start != cache_start and decoder is not None:
+                elif start != cache_start:  # first step, or the window hopped: prefill afresh
                     cache_start = start
                     logits = decoder.prefill(seq[:, start:])
-                elif start != cache_start:  # first step, or the window hopped: prefill afresh
-                    if cache is None:
-                        p = next(self.parameters())
-                        cache = KVCache(self.config, seq.size(0), p.device, p.dtype)
-                    cache.reset()
-                    cache_start = start
-                    logits, _ = self(seq[:, start:], cache=cache, last_only=True)
-                elif decoder is not None:  # the same step, replayed from a CUDA graph
-                    logits = decoder.step(seq[:, -1:])
                 else:  # one new token through the model, everything before comes from the cache
-                    logits, _ = self(seq[:, -1:], cache=cache, last_only=True)
+                    logits = decoder.step(seq[:, -1:])
                 nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
                 if stop_token is not None:
                     nxt = nxt.masked_fill(done.unsqueeze(1), stop_token)  # finished rows keep padding
@@ -1320,32 +1312,47 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
 
-class GraphDecoder:
+class CachedDecoder:
+    """Cached decoding, one step at a time: ``prefill`` runs a whole window through the model and
+    fills the ``KVCache``; each ``step`` then runs one new token, reading everything before it
+    from the cache. ``generate`` uses this (or ``GraphDecoder``, which replays the step from a
+    CUDA graph) and prefills afresh whenever the window hops (``context_start``).
+
+        dec = CachedDecoder(model, batch_size=1)
+        logits = dec.prefill(prompt)      # prompt (B, T) -> (B, 1, vocab), the last position's
+        logits = dec.step(next_token)     # (B, 1) -> (B, 1, vocab)
+    """
+
+    def __init__(self, model: "GPT", batch_size: int, static: bool = False):
+        p = next(model.parameters())
+        self.model, self.batch_size = model, batch_size
+        self.cache = KVCache(model.config, batch_size, p.device, p.dtype, static=static)
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
+        self.cache.reset()
+        return self.model(idx, cache=self.cache, last_only=True)[0]
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        return self.model(token, cache=self.cache, last_only=True)[0]
+
+
+class GraphDecoder(CachedDecoder):
     """Cached decoding whose one-token step is replayed from a CUDA graph.
 
     At batch 1 a decode step is dozens of small kernels, and launching them from Python costs
     more than running them: the GPU waits on the CPU. A CUDA graph records the step's kernels once
     and replays them with a single launch. It needs fixed shapes and addresses, hence a static
     ``KVCache``, a fixed input buffer and fixed output logits. On a CPU the same static steps
-    run without a graph (that is how the tests check them).
-
-        dec = GraphDecoder(model, batch_size=1)
-        logits = dec.prefill(prompt)      # (B, 1, vocab), an ordinary forward
-        logits = dec.step(next_token)     # (B, 1, vocab), the step, replayed
+    run without a graph (that is how the tests check them). Used like ``CachedDecoder``.
     """
 
     def __init__(self, model: "GPT", batch_size: int):
-        p = next(model.parameters())
-        self.model = model
-        self.cache = KVCache(model.config, batch_size, p.device, p.dtype, static=True)
-        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)  # the step's input
-        self.use_graph = p.device.type == "cuda"
+        super().__init__(model, batch_size, static=True)
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.cache.k.device)  # the step's input
+        self.use_graph = self.cache.k.device.type == "cuda"
         self.graph, self.logits = None, None
-
-    @torch.no_grad()
-    def prefill(self, idx: torch.Tensor) -> torch.Tensor:
-        self.cache.reset()
-        return self.model(idx, cache=self.cache, last_only=True)[0]
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -1355,7 +1362,7 @@ class GraphDecoder:
                               "last block_size / 2 tokens again (generate() does this for you).")
         self.token.copy_(token)
         if not self.use_graph:
-            return self.model(self.token, cache=self.cache, last_only=True)[0]
+            return super().step(self.token)
         if self.graph is None:
             self._capture()
         self.graph.replay()  # writes this token's k, v, moves cache.pos, fills self.logits

@@ -216,6 +216,20 @@ def test_greedy_cache_equals_no_cache_past_block_size(lively_model, use_sdpa):
     assert all(len(set(row.tolist())) >= 5 for row in cached[:, 5:])  # varied, so the check means something
 
 
+def test_cached_decoder_steps_equal_a_full_forward(lively_model):
+    """CachedDecoder, the path generate() takes: prefill, then one token per step, each step's
+    logits those of the last position of a forward over the whole sequence so far."""
+    seq = tokens((2, 12), 97, 21)
+    decoder = slm_utils.CachedDecoder(lively_model, 2)
+    with torch.no_grad():
+        steps = [decoder.prefill(seq[:, :4])] + [decoder.step(seq[:, t:t + 1]) for t in range(4, 12)]
+        for t, got in zip(range(4, 13), steps):
+            want, _ = lively_model(seq[:, :t], last_only=True)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        decoder.prefill(seq[:, 6:])  # a prefill starts afresh: the window may hop
+        assert decoder.cache.length == 6
+
+
 @pytest.mark.parametrize("use_sdpa", [True, False], ids=["sdpa", "manual"])
 def test_static_cache_steps_equal_the_growing_cache(lively_model, use_sdpa):
     """The fixed-shape steps a CUDA graph replays (GraphDecoder; on a CPU without the graph): the
