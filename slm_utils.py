@@ -1360,6 +1360,9 @@ class GraphDecoder(CachedDecoder):
         if self.cache.length >= self.model.config.block_size:
             raise ConfigError(f"The cache is full ({self.cache.length} tokens = block_size). Fix: prefill() the "
                               "last block_size / 2 tokens again (generate() does this for you).")
+        if self.model.training:  # a graph would freeze one dropout mask into every replay
+            raise ConfigError("GraphDecoder.step needs the model in eval mode. Fix: model.eval() first "
+                              "(generate() does this for you).")
         self.token.copy_(token)
         if not self.use_graph:
             return super().step(self.token)

@@ -163,7 +163,7 @@ def child_main(contender: str, folder: str, out: str, workers: int) -> int:
     sampler = None
     # Only the seed's way has worker processes whose memory ru_maxrss cannot see. The sampler reads
     # /proc/<pid>/smaps ten times a second, which costs a good part of a core: running it beside
-    # slm_utils' threads (one process, where ru_maxrss is the whole story) took 25-45% off their rate.
+    # slm_utils' threads (one process, where ru_maxrss is the whole story) slowed them down.
     if contender == "seed":
         sampler = TreeMemorySampler()
         sampler.start()

@@ -45,7 +45,8 @@ def compare_old(data_dir, steps: int, other: dict | None = None) -> dict:
         for model, opt, cfg, times in runs.values():
             batch = [S.get_batch(data_dir, "train", cfg.batch_size, cfg.block_size, "cpu", gen)]
             t0 = time.perf_counter()
-            S.train_step(model, opt, scaler, batch, grad_clip=cfg.grad_clip, loss_chunk=cfg.loss_chunk)
+            S.train_step(model, opt, scaler, batch, grad_clip=cfg.grad_clip, loss_chunk=cfg.loss_chunk,
+                         dtype=S._resolve_dtype(cfg, torch.device("cpu")))  # as train() would: dtype= counts
             times.append(cfg.tokens_per_step / (time.perf_counter() - t0))
     rates = {name: sorted(r[3][2:])[steps // 2] for name, r in runs.items()}  # median, warm-up dropped
     return {"tokens_per_s": rates, "new_over_old": rates["new"] / rates["old"], "steps": steps,

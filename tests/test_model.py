@@ -250,6 +250,16 @@ def test_static_cache_steps_equal_the_growing_cache(lively_model, use_sdpa):
     model.set_attention(True)
 
 
+def test_graph_decoder_refuses_a_model_in_training_mode(lively_model):
+    decoder = slm_utils.GraphDecoder(lively_model.train(), 1)
+    try:
+        decoder.prefill(tokens((1, 3), 97, 5))
+        with pytest.raises(slm_utils.ConfigError, match="eval mode"):
+            decoder.step(tokens((1, 1), 97, 6))
+    finally:
+        lively_model.eval()
+
+
 def test_static_cache_with_rope_and_gqa_equals_the_growing_cache():
     torch.manual_seed(0)
     cfg = GPTConfig.from_arch("llama", vocab_size=97, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
