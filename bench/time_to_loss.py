@@ -68,6 +68,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def recipe_configs(args, device, out_dir) -> tuple[S.GPTConfig, S.TrainConfig]:
+    """The (GPTConfig, TrainConfig) that ``--recipe`` and the other options ask for."""
+    base = "seed" if args.recipe == "seed" else "t4"
+    _, full = S.preset(base)
+    warmup = max(1, round(full.warmup_steps / full.max_steps * args.max_steps))  # the preset's 4%, scaled down
+    _, t4 = S.preset("t4")
+    # every recipe pays for checkpoints as the "t4" preset does (last.pt at most every 5 minutes,
+    # written in the background), so that the recipes differ in what they learn, not in their I/O
+    overrides = dict(max_steps=args.max_steps, warmup_steps=warmup, eval_interval=args.eval_interval,
+                     eval_tokens=args.eval_tokens, device=str(device), dtype=args.dtype, compile=args.compile,
+                     muon_ns_dtype=args.muon_ns_dtype, out_dir=str(out_dir), last_every_s=t4.last_every_s,
+                     background_checkpoints=t4.background_checkpoints, best_weights_only=t4.best_weights_only)
+    if args.recipe == "old":
+        overrides.update(OLD_T4)
+    elif args.recipe == "new":  # the curriculum keeps its share of the shortened run
+        overrides["curriculum_steps"] = round(full.curriculum_steps / full.max_steps * args.max_steps)
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    model_cfg, cfg = S.preset(base, **overrides)
+    if args.shape == "tiny":
+        model_cfg = dataclasses.replace(model_cfg, block_size=32, n_layer=2, n_head=2, n_kv_head=None, n_embd=32)
+        cfg = dataclasses.replace(cfg, block_size=32, curriculum_steps=0)
+    return model_cfg, cfg
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,26 +106,7 @@ def main(argv=None) -> int:
     target = args.target if args.target is not None else baselines["bigram"]
     harder = target - args.harder
 
-    base = "seed" if args.recipe == "seed" else "t4"
-    _, full = S.preset(base)
-    warmup = max(1, round(full.warmup_steps / full.max_steps * args.max_steps))  # the preset's 4%, scaled down
-    _, t4 = S.preset("t4")
-    # every recipe pays for checkpoints as the "t4" preset does (last.pt at most every 5 minutes,
-    # written in the background), so that the recipes differ in what they learn, not in their I/O
-    overrides = dict(max_steps=args.max_steps, warmup_steps=warmup, eval_interval=args.eval_interval,
-                     eval_tokens=args.eval_tokens, device=str(device), dtype=args.dtype, compile=args.compile,
-                     muon_ns_dtype=args.muon_ns_dtype, out_dir=str(work / "out"), last_every_s=t4.last_every_s,
-                     background_checkpoints=t4.background_checkpoints, best_weights_only=t4.best_weights_only)
-    if args.recipe == "old":
-        overrides.update(OLD_T4)
-    elif args.recipe == "new":  # the curriculum keeps its share of the shortened run
-        overrides["curriculum_steps"] = round(full.curriculum_steps / full.max_steps * args.max_steps)
-    if args.batch_size:
-        overrides["batch_size"] = args.batch_size
-    model_cfg, cfg = S.preset(base, **overrides)
-    if args.shape == "tiny":
-        model_cfg = dataclasses.replace(model_cfg, block_size=32, n_layer=2, n_head=2, n_kv_head=None, n_embd=32)
-        cfg = dataclasses.replace(cfg, block_size=32, curriculum_steps=0)
+    model_cfg, cfg = recipe_configs(args, device, work / "out")
     torch.manual_seed(cfg.seed)  # the initial weights too (train() seeds only what follows)
     model = S.GPT(model_cfg)
     common.log(f"[time-to-loss] target {target:.3f}, t4 preset, {cfg.max_steps} steps at most, "

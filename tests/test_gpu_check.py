@@ -1,0 +1,41 @@
+"""bench/gpu_check.sh and the time-to-loss runs it starts, checked without a GPU."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_time_to_loss():
+    sys.path.insert(0, str(REPO / "bench"))  # it imports bench/common.py
+    spec = importlib.util.spec_from_file_location("time_to_loss", REPO / "bench" / "time_to_loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_unknown_step_name_stops_the_check_before_it_starts(tmp_path):
+    run = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+                         env={"PATH": "/usr/bin:/bin", "GPU_CHECK_STEPS": "train,decoding"},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "unknown step 'decoding'" in run.stderr and "tests,train,fused,decode,ttl,seed,notebook" in run.stderr
+    assert not list((tmp_path / "out").iterdir())  # nothing run, nothing written
+
+
+@pytest.mark.parametrize("recipe", ["new", "old", "seed"])
+def test_every_recipe_writes_checkpoints_as_the_t4_preset_does(recipe, tmp_path):
+    ttl = load_time_to_loss()
+    args = ttl.parse_args(["--out", "x.json", "--recipe", recipe, "--dtype", "float16", "--muon-ns-dtype",
+                           "float16", "--max-steps", "150"])
+    _, cfg = ttl.recipe_configs(args, "cpu", tmp_path)
+    _, t4 = ttl.S.preset("t4")
+    assert (cfg.last_every_s, cfg.background_checkpoints, cfg.best_weights_only) == \
+        (t4.last_every_s, t4.background_checkpoints, t4.best_weights_only)
+    assert (cfg.dtype, cfg.muon_ns_dtype, cfg.max_steps) == ("float16", "float16", 150)
+    assert cfg.optimizer == {"new": "muon", "old": "adamw", "seed": "adamw"}[recipe]
+    assert cfg.tokens_per_step == {"new": 16_384, "old": 16_384, "seed": 131_072}[recipe]
