@@ -1360,9 +1360,9 @@ class GraphDecoder(CachedDecoder):
         if self.cache.length >= self.model.config.block_size:
             raise ConfigError(f"The cache is full ({self.cache.length} tokens = block_size). Fix: prefill() the "
                               "last block_size / 2 tokens again (generate() does this for you).")
-        if self.model.training:  # a graph would freeze one dropout mask into every replay
-            raise ConfigError("GraphDecoder.step needs the model in eval mode. Fix: model.eval() first "
-                              "(generate() does this for you).")
+        if self.model.training and self.model.config.dropout > 0:  # a graph would freeze one dropout mask
+            raise ConfigError("GraphDecoder.step needs the model in eval mode: it has dropout, which a graph would "
+                              "replay with one fixed mask. Fix: model.eval() first (generate() does this for you).")
         self.token.copy_(token)
         if not self.use_graph:
             return super().step(self.token)

@@ -250,14 +250,17 @@ def test_static_cache_steps_equal_the_growing_cache(lively_model, use_sdpa):
     model.set_attention(True)
 
 
-def test_graph_decoder_refuses_a_model_in_training_mode(lively_model):
-    decoder = slm_utils.GraphDecoder(lively_model.train(), 1)
-    try:
-        decoder.prefill(tokens((1, 3), 97, 5))
-        with pytest.raises(slm_utils.ConfigError, match="eval mode"):
-            decoder.step(tokens((1, 1), 97, 6))
-    finally:
-        lively_model.eval()
+def test_graph_decoder_refuses_dropout_in_training_mode():
+    """A graph would replay one dropout mask forever; without dropout, training mode changes nothing."""
+    torch.manual_seed(0)
+    with_dropout, without = GPT(tiny(vocab_size=97, dropout=0.1)), GPT(tiny(vocab_size=97))  # both in training mode
+    decoder = slm_utils.GraphDecoder(with_dropout, 1)
+    decoder.prefill(tokens((1, 3), 97, 5))
+    with pytest.raises(slm_utils.ConfigError, match="eval mode"):
+        decoder.step(tokens((1, 1), 97, 6))
+    decoder = slm_utils.GraphDecoder(without, 1)
+    decoder.prefill(tokens((1, 3), 97, 5))
+    assert decoder.step(tokens((1, 1), 97, 6)).shape == (1, 1, 97)
 
 
 def test_static_cache_with_rope_and_gqa_equals_the_growing_cache():
