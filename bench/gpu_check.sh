@@ -121,7 +121,7 @@ if want ttl; then
     --out "$OUT/time_to_loss_fp16.json" "${TTL_ARGS[@]}"
 fi
 if want seed; then
-  # the seed's recipe takes 131K tokens per step: 150 steps (20M tokens, about 60-70 s on an H100),
+  # the seed's recipe takes 131K tokens per step: 150 steps (20M tokens, 60-70 s at the H100 rates of BENCHMARKS.md section 2),
   # evaluated every 5 (last.pt at most every 5 minutes, as in the "t4" preset: see time_to_loss.py)
   step "time to target val loss, seed recipe" 150 "$OUT/time_to_loss_seed.log" \
     "$PY" bench/time_to_loss.py --recipe seed --out "$OUT/time_to_loss_seed.json" "${SEED_TTL_ARGS[@]}"
