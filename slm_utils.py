@@ -1153,6 +1153,10 @@ class GPT(nn.Module):
             seq = idx
             done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             cache_start = -1  # where the cached window begins; -1: nothing cached yet
+            if not isinstance(cuda_graph, (bool, GraphDecoder)):
+                raise ConfigError(f"cuda_graph={cuda_graph!r} must be True, False or a GraphDecoder. Fix: "
+                                  "cuda_graph=True, or GraphDecoder(model, batch_size) to reuse its graph "
+                                  "(a plain CachedDecoder is what generate() makes for itself).")
             decoder = cuda_graph if isinstance(cuda_graph, GraphDecoder) else None
             if decoder is not None and (decoder.model is not self or decoder.batch_size != idx.size(0)):
                 raise ConfigError(f"This GraphDecoder was made for another model or batch size "

@@ -43,19 +43,30 @@
 # check the plumbing on a machine without a GPU; its figures mean nothing.
 set -euo pipefail
 OUT="${1:?usage: bash bench/gpu_check.sh OUTDIR}"
+
+# the steps to run: GPU_CHECK_STEPS, comma-separated (spaces ignored), or all of them
+ALL_STEPS=tests,train,fused,decode,ttl,seed,notebook
+STEPS="${GPU_CHECK_STEPS:-$ALL_STEPS}"
+STEPS="${STEPS//[[:space:]]/}"
+IFS=, read -ra SELECTED <<< "$STEPS"
+if [ "${#SELECTED[@]}" -eq 0 ]; then
+  echo "GPU_CHECK_STEPS='${GPU_CHECK_STEPS:-}' names no step; the steps are $ALL_STEPS" >&2
+  exit 2
+fi
+for s in "${SELECTED[@]}"; do
+  case ",$ALL_STEPS," in
+    *",$s,"*) ;;  # an empty name (",,") never matches: ALL_STEPS has none
+    *) echo "GPU_CHECK_STEPS: unknown step '$s'; the steps are $ALL_STEPS" >&2; exit 2 ;;
+  esac
+done
+want() { case ",$STEPS," in *",$1,"*) return 0;; *) return 1;; esac; }
+
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 start=$SECONDS
-
-ALL_STEPS=tests,train,fused,decode,ttl,seed,notebook
-STEPS="${GPU_CHECK_STEPS:-$ALL_STEPS}"
-for s in ${STEPS//,/ }; do
-  case ",$ALL_STEPS," in *",$s,"*) ;; *) echo "GPU_CHECK_STEPS: unknown step '$s'; the steps are $ALL_STEPS" >&2; exit 2;; esac
-done
-want() { case ",$STEPS," in *",$1,"*) return 0;; *) return 1;; esac; }
 
 if [ "${SLM_GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   echo "DRY RUN on the CPU: checks the script, measures nothing worth keeping" >&2

@@ -18,13 +18,28 @@ def load_time_to_loss():
     return module
 
 
-def test_an_unknown_step_name_stops_the_check_before_it_starts(tmp_path):
+@pytest.mark.parametrize("steps, bad", [("train,decoding", "unknown step 'decoding'"), ("tests train", "'teststrain'"),
+                                        (",", "unknown step ''"), (" ", "names no step")])
+def test_a_bad_step_list_stops_the_check_before_it_starts(tmp_path, steps, bad):
     run = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
-                         env={"PATH": "/usr/bin:/bin", "GPU_CHECK_STEPS": "train,decoding"},
+                         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "GPU_CHECK_STEPS": steps},
                          capture_output=True, text=True, timeout=60)
-    assert run.returncode == 2
-    assert "unknown step 'decoding'" in run.stderr and "tests,train,fused,decode,ttl,seed,notebook" in run.stderr
-    assert not list((tmp_path / "out").iterdir())  # nothing run, nothing written
+    assert run.returncode == 2 and bad in run.stderr
+    assert "tests,train,fused,decode,ttl,seed,notebook" in run.stderr  # the message lists the names
+    assert not (tmp_path / "out").exists()  # nothing run, nothing written
+
+
+def test_the_selected_steps_and_only_those_run(tmp_path):
+    """A dry run (CPU, tiny sizes) of two steps, named with a space as people type them."""
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)],
+                         env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable,
+                              "HOME": str(tmp_path), "SLM_GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_STEPS": "fused, decode"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    made = {p.name for p in out.iterdir()}
+    assert {"fused_loss.json", "decode.json", "gpu_check.json"} <= made
+    assert not made & {"train.json", "test_cuda.log", "time_to_loss.json", "notebook.log"}
 
 
 @pytest.mark.parametrize("recipe", ["new", "old", "seed"])

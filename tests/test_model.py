@@ -250,6 +250,13 @@ def test_static_cache_steps_equal_the_growing_cache(lively_model, use_sdpa):
     model.set_attention(True)
 
 
+def test_cuda_graph_takes_a_flag_or_a_graph_decoder(lively_model):
+    prompt = tokens((1, 3), 97, 5)
+    for wrong in (slm_utils.CachedDecoder(lively_model, 1), "yes"):
+        with pytest.raises(slm_utils.ConfigError, match="cuda_graph"):
+            lively_model.generate(prompt, 2, cuda_graph=wrong)
+
+
 def test_graph_decoder_refuses_dropout_in_training_mode():
     """A graph would replay one dropout mask forever; without dropout, training mode changes nothing."""
     torch.manual_seed(0)
@@ -258,6 +265,8 @@ def test_graph_decoder_refuses_dropout_in_training_mode():
     decoder.prefill(tokens((1, 3), 97, 5))
     with pytest.raises(slm_utils.ConfigError, match="eval mode"):
         decoder.step(tokens((1, 1), 97, 6))
+    with_dropout.eval()  # the fix the message gives
+    assert decoder.step(tokens((1, 1), 97, 6)).shape == (1, 1, 97)
     decoder = slm_utils.GraphDecoder(without, 1)
     decoder.prefill(tokens((1, 3), 97, 5))
     assert decoder.step(tokens((1, 1), 97, 6)).shape == (1, 1, 97)
