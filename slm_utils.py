@@ -1369,7 +1369,7 @@ class GraphDecoder(CachedDecoder):
                               "replay with one fixed mask. Fix: model.eval() first (generate() does this for you).")
         self.token.copy_(token)
         if not self.use_graph:
-            return super().step(self.token)
+            return CachedDecoder.step(self, self.token)
         if self.graph is None:
             self._capture()
         self.graph.replay()  # writes this token's k, v, moves cache.pos, fills self.logits
@@ -1381,13 +1381,13 @@ class GraphDecoder(CachedDecoder):
         side = torch.cuda.Stream()  # warm up off the default stream, as CUDA graph capture asks
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self.model(self.token, cache=self.cache, last_only=True)
+            CachedDecoder.step(self, self.token)  # the plain step: the one the graph records
         torch.cuda.current_stream().wait_stream(side)
         self.cache.pos.fill_(length)  # undo the warm-up's step: the replay rewrites the same slot
         self.cache.length = length
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):  # records the kernels; runs nothing
-            self.logits = self.model(self.token, cache=self.cache, last_only=True)[0]
+            self.logits = CachedDecoder.step(self, self.token)
         self.cache.length = length
         self.graph = graph  # only once captured: a failed capture is not replayed
 

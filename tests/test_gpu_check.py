@@ -10,6 +10,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_check(out: Path, timeout: int, **env) -> subprocess.CompletedProcess:
+    """bench/gpu_check.sh OUT with only PATH, PYTHON and ``env`` set."""
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def load_time_to_loss():
     sys.path.insert(0, str(REPO / "bench"))  # it imports bench/common.py
     spec = importlib.util.spec_from_file_location("time_to_loss", REPO / "bench" / "time_to_loss.py")
@@ -21,9 +28,7 @@ def load_time_to_loss():
 @pytest.mark.parametrize("steps, bad", [("train,decoding", "unknown step 'decoding'"), ("tests train", "'teststrain'"),
                                         (",", "unknown step ''"), (" ", "names no step")])
 def test_a_bad_step_list_stops_the_check_before_it_starts(tmp_path, steps, bad):
-    run = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
-                         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "GPU_CHECK_STEPS": steps},
-                         capture_output=True, text=True, timeout=60)
+    run = run_check(tmp_path / "out", 60, GPU_CHECK_STEPS=steps)
     assert run.returncode == 2 and bad in run.stderr
     assert "tests,train,fused,decode,ttl,seed,notebook" in run.stderr  # the message lists the names
     assert not (tmp_path / "out").exists()  # nothing run, nothing written
@@ -32,10 +37,7 @@ def test_a_bad_step_list_stops_the_check_before_it_starts(tmp_path, steps, bad):
 def test_the_selected_steps_and_only_those_run(tmp_path):
     """A dry run (CPU, tiny sizes) of two steps, named with a space as people type them."""
     out = tmp_path / "out"
-    run = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(out)],
-                         env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable,
-                              "HOME": str(tmp_path), "SLM_GPU_CHECK_DRY_RUN": "1", "GPU_CHECK_STEPS": "fused, decode"},
-                         capture_output=True, text=True, timeout=300)
+    run = run_check(out, 300, HOME=str(tmp_path), SLM_GPU_CHECK_DRY_RUN="1", GPU_CHECK_STEPS="fused, decode")
     assert run.returncode == 0, run.stderr[-2000:]
     made = {p.name for p in out.iterdir()}
     assert {"fused_loss.json", "decode.json", "gpu_check.json"} <= made
