@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check on one CUDA GPU; every figure lands as JSON in OUTDIR. Each step below has a time
-# limit; all of them add up to 960 s, so on a machine lent with a 10-minute limit per command
+# limit; all of them add up to 1,050 s, so on a machine lent with a 10-minute limit per command
 # run it in two parts (GPU_CHECK_STEPS, below; BENCHMARKS.md section 5 gives the two calls).
 #
 #   bash bench/gpu_check.sh OUTDIR
-#   GPU_CHECK_STEPS=tests,train,fused,decode bash bench/gpu_check.sh OUTDIR     # part A, at most 400 s
+#   GPU_CHECK_STEPS=tests,train,fused,decode,sweep bash bench/gpu_check.sh OUTDIR   # part A, at most 490 s
 #   GPU_CHECK_STEPS=ttl,seed,notebook bash bench/gpu_check.sh OUTDIR            # part B, at most 560 s
 #
 # Steps (GPU_CHECK_STEPS names them; the default is all, in this order):
@@ -22,11 +22,15 @@
 # decode   Batch-1 greedy decoding of 512 new tokens: no cache, the KV cache, and the KV cache
 #          replayed from a CUDA graph (slm_utils.GraphDecoder), at contexts of 128 and 512
 #          (bench/bench_decode.py). -> OUTDIR/decode.json
+# sweep    The "t4" preset itself (Llama blocks, Muon, bf16) at 128 windows per optimizer step cut
+#          into micro-batches of 16, 32, 64 and 128, eager, and 128 x 1 compiled with the fused head +
+#          loss: tokens/s, MFU and peak memory (bench/bench_microbatch.py). -> OUTDIR/microbatch.json
 # ttl      Timed runs to two target val losses, the bigram baseline and 0.5 below it (see
 #          bench/time_to_loss.py): on the embedded Shakespeare corpus, the "t4" preset's recipe and
 #          the old GPT-2 + AdamW recipe, each eager and with torch.compile (its warm-up counted), at
 #          most 400 steps; and the new recipe in fp16 + GradScaler with Muon's Newton-Schulz in fp16,
-#          as a T4 runs it. -> OUTDIR/time_to_loss{,_compiled,_old,_old_compiled,_fp16}.json
+#          as a T4 runs it. The eager runs and the fp16 one go first, the compiled ones last.
+#          -> OUTDIR/time_to_loss{,_old,_fp16,_compiled,_old_compiled}.json
 # seed     The seed's recipe the same way, long enough to pass the bigram baseline, so the tokens
 #          each recipe needs to get there compare fairly. -> OUTDIR/time_to_loss_seed.json
 # notebook The notebook's GPU path, which CI (CPU only) never runs: every code cell in order as a
@@ -45,7 +49,7 @@ set -euo pipefail
 OUT="${1:?usage: bash bench/gpu_check.sh OUTDIR}"
 
 # the steps to run: GPU_CHECK_STEPS, comma-separated (spaces ignored), or all of them
-ALL_STEPS=tests,train,fused,decode,ttl,seed,notebook
+ALL_STEPS=tests,train,fused,decode,sweep,ttl,seed,notebook
 STEPS="${GPU_CHECK_STEPS:-$ALL_STEPS}"
 STEPS="${STEPS//[[:space:]]/}"
 IFS=, read -ra SELECTED <<< "$STEPS"
@@ -77,6 +81,7 @@ if [ "${SLM_GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   NB_ARGS=(--preset cpu --max-steps 4)
   FUSED_ARGS=(--device cpu --rows 256 --width 32 --chunks 0,64 --reps 1)
   DECODE_ARGS=(--device cpu --new 8 --repeats 1 --block-sizes 128)
+  SWEEP_ARGS=(--device cpu --tiny --micro-batches 64,128 --warmup 1 --steps 1)
 else
   "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: bench/gpu_check.sh needs a GPU')"
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,power.limit,clocks.max.sm \
@@ -88,6 +93,7 @@ else
   NB_ARGS=(--preset t4 --max-steps 300)
   FUSED_ARGS=(--device cuda --rows 8192 --chunks 0,1024,2048,4096,8192)
   DECODE_ARGS=(--device cuda --new 512 --repeats 3)
+  SWEEP_ARGS=(--device cuda --micro-batches 16,32,64,128 --compiled 128:4096 --warmup 3 --steps 6)
 fi
 
 failed=()
@@ -117,19 +123,28 @@ if want decode; then
   step "decoding: cache and CUDA graph" 60 "$OUT/decode.log" \
     "$PY" bench/bench_decode.py --out "$OUT/decode.json" "${DECODE_ARGS[@]}"
 fi
+if want sweep; then
+  step "micro-batch sweep of the t4 preset" 90 "$OUT/microbatch.log" \
+    "$PY" bench/bench_microbatch.py --out "$OUT/microbatch.json" "${SWEEP_ARGS[@]}"
+fi
 if want ttl; then
+  # eager first, then fp16 as on a T4, then the compiled runs (each pays its compile warm-up): if the
+  # machine's time runs out, what is lost is a compiled figure
   for recipe in new old; do
     tag=$([ "$recipe" = old ] && echo "_old" || echo "")
     step "time to target val loss, $recipe recipe, eager" 50 "$OUT/time_to_loss$tag.log" \
       "$PY" bench/time_to_loss.py --recipe "$recipe" --out "$OUT/time_to_loss$tag.json" "${TTL_ARGS[@]}"
-    step "time to target val loss, $recipe recipe, compiled" 70 "$OUT/time_to_loss${tag}_compiled.log" \
-      "$PY" bench/time_to_loss.py --recipe "$recipe" --out "$OUT/time_to_loss${tag}_compiled.json" --compile "${TTL_ARGS[@]}"
   done
   # as a T4 runs it: fp16 autocast with GradScaler, and Muon orthogonalizing in fp16 (a T4's "auto";
   # on this GPU "auto" would pick bf16)
   step "time to target val loss, new recipe, fp16 + GradScaler + fp16 Muon (as on a T4)" 50 "$OUT/time_to_loss_fp16.log" \
     "$PY" bench/time_to_loss.py --recipe new --dtype float16 --muon-ns-dtype float16 \
     --out "$OUT/time_to_loss_fp16.json" "${TTL_ARGS[@]}"
+  for recipe in new old; do
+    tag=$([ "$recipe" = old ] && echo "_old" || echo "")
+    step "time to target val loss, $recipe recipe, compiled" 70 "$OUT/time_to_loss${tag}_compiled.log" \
+      "$PY" bench/time_to_loss.py --recipe "$recipe" --out "$OUT/time_to_loss${tag}_compiled.json" --compile "${TTL_ARGS[@]}"
+  done
 fi
 if want seed; then
   # the seed's recipe takes 131K tokens per step: 150 steps (20M tokens, 60-70 s at the H100 rates of BENCHMARKS.md section 2),
@@ -180,6 +195,10 @@ decode = load("decode.json")
 if decode:
     summary["decode"] = [{k: r[k] for k in ("block_size", "tokens_per_s", "cache_over_no_cache", "graph_over_cache",
                                             "same_tokens")} for r in decode["rows"]]
+sweep = load("microbatch.json")
+if sweep:
+    summary["microbatch"] = [{k: r[k] for k in ("micro_batch", "grad_accum_steps", "compiled", "loss_chunk",
+                                                "tokens_per_s", "mfu", "peak_allocated_gib")} for r in sweep["rows"]]
 fused = load("fused_loss.json")
 if fused:
     summary["fused_loss"] = [{k: r[k] for k in ("chunk", "median_ms", "peak_extra_mb", "time_vs_plain",

@@ -1,0 +1,147 @@
+#!/usr/bin/env python
+"""Micro-batch sweep of a preset on one device: tokens/s and peak memory, tokens per step held fixed.
+
+The ``"t4"`` preset trains on 128 windows of 128 tokens per optimizer step, as 64 x 2 (micro-batch
+x accumulation). This script times the preset's own model, optimizer (Muon + AdamW), dtype and
+``slm_utils.train_step`` at other splits of the same 128 windows (16 x 8, 32 x 4, 64 x 2, 128 x 1),
+so the rows differ only in how the step is cut. Each row also records the peak memory the step
+holds (``torch.cuda.max_memory_allocated``: weights, optimizer state, activations), to compare with
+the projection's sweep (``bench/project_gpu.py``, BENCHMARKS.md section 8) and with a T4's 15 GiB.
+
+    python bench/bench_microbatch.py --device cuda --out mb.json
+    python bench/bench_microbatch.py --device cuda --out mb.json --compiled 64:0,128:4096
+    python bench/bench_microbatch.py --device cpu --tiny --micro-batches 2,4 --out /tmp/mb.json  # plumbing only
+
+``--compiled MB:CHUNK,...`` adds ``torch.compile`` rows at those micro-batches, with the fused head
++ loss in chunks of CHUNK rows (0: the plain head). Their compile time is reported apart and not
+counted in tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (also puts the repository root on sys.path)
+
+import torch  # noqa: E402
+
+import slm_utils as S  # noqa: E402
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def _pairs(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        mb, _, chunk = item.partition(":")
+        out.append((int(mb), int(chunk or 0)))
+    return out
+
+
+def measure_row(preset: str, micro_batch: int, windows: int, device: torch.device, data_dir, *, compile: bool,
+                loss_chunk: int, warmup: int, steps: int, tiny: bool, peak_tflops: float) -> dict:
+    """Time ``steps`` optimizer steps of ``windows`` windows cut into micro-batches of ``micro_batch``."""
+    if windows % micro_batch:
+        raise SystemExit(f"--micro-batches: {micro_batch} does not divide the {windows} windows per step; "
+                         "pick a divisor.")
+    accum = windows // micro_batch
+    shape = dict(n_layer=1, n_head=2, n_embd=32) if tiny else {}
+    mcfg, tcfg = S.preset(preset, batch_size=micro_batch, grad_accum_steps=accum, device=str(device), **shape)
+    torch.manual_seed(1234)
+    model = S.GPT(mcfg).to(device)
+    opt = S.configure_optimizer(model, tcfg, device.type)
+    dtype = S.choose_amp_dtype(device.type) if tcfg.dtype == "auto" else getattr(torch, tcfg.dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))  # as train() has it
+    if compile:
+        torch._dynamo.reset()  # each row compiles its own model; no reuse of another row's graphs
+    fwd = torch.compile(model) if compile else model
+    gen = torch.Generator().manual_seed(1234)
+    model.train()
+
+    def step():
+        batches = [S.get_batch(data_dir, "train", micro_batch, tcfg.block_size, device, gen) for _ in range(accum)]
+        return S.train_step(fwd, opt, scaler, batches, grad_clip=tcfg.grad_clip, device=device, dtype=dtype,
+                            loss_chunk=loss_chunk)
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    common.sync(device)
+    warmup_s = time.perf_counter() - t0
+    times = [common.time_call(step, device) for _ in range(steps)]
+    st = common.summarize_times(times)
+    tokens = windows * tcfg.block_size
+    rate = tokens / st["median_s"]
+    fpt = common.flops_per_token(model, tcfg.block_size)
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"micro_batch": micro_batch, "grad_accum_steps": accum, "compiled": compile, "loss_chunk": loss_chunk,
+            "dtype": str(dtype).replace("torch.", ""), "optimizer": tcfg.optimizer, "tokens_per_step": tokens,
+            "tokens_per_s": rate, "step_ms": st["median_s"] * 1e3, "step_ms_q1": st["q1_s"] * 1e3,
+            "step_ms_q3": st["q3_s"] * 1e3, "timed_steps": st["n"], "warmup_s": warmup_s,
+            "mfu": rate * fpt / (peak_tflops * 1e12), "peak_allocated_gib": peak_gib}
+
+
+def markdown(res: dict) -> str:
+    lines = ["| micro-batch x accumulation | mode | head + loss | tok/s | step ms (q1-q3) | MFU | peak GiB allocated |",
+             "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        head = f"fused, {r['loss_chunk']:,}-row chunks" if r["loss_chunk"] else "plain"
+        peak = f"{r['peak_allocated_gib']:.1f}" if r["peak_allocated_gib"] is not None else "n/a"
+        lines.append(f"| {r['micro_batch']} x {r['grad_accum_steps']} | {'compiled' if r['compiled'] else 'eager'} | "
+                     f"{head} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} ({r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}) | "
+                     f"{r['mfu']:.1%} | {peak} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--preset", default="t4")
+    p.add_argument("--micro-batches", type=_ints, default=[16, 32, 64, 128], help="eager rows, e.g. 16,32,64,128")
+    p.add_argument("--compiled", type=_pairs, default=[], help="compiled rows as MB:CHUNK, e.g. 64:0,128:4096")
+    p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps per row")
+    p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per row")
+    p.add_argument("--tiny", action="store_true", help="a 1-layer, 32-wide model: checks the script, measures nothing")
+    args = p.parse_args(argv)
+    device = common.resolve_device(args.device)
+    _, tcfg = S.preset(args.preset)
+    windows = tcfg.batch_size * tcfg.grad_accum_steps  # held fixed across rows
+    peak = common.device_peak(device, quick=args.tiny)
+    data_dir = Path(common.bench_tmpdir("microbatch-data"))
+    rows = []
+    try:
+        S.prepare_data("shakespeare", data_dir)
+        plan = [(mb, False, tcfg.loss_chunk) for mb in args.micro_batches] + \
+               [(mb, True, chunk) for mb, chunk in args.compiled]
+        for mb, comp, chunk in plan:
+            rows.append(measure_row(args.preset, mb, windows, device, data_dir, compile=comp, loss_chunk=chunk,
+                                    warmup=args.warmup, steps=args.steps, tiny=args.tiny, peak_tflops=peak["tflops"]))
+            r = rows[-1]
+            common.log(f"[microbatch] {mb} x {r['grad_accum_steps']}, {'compiled' if comp else 'eager'}, "
+                       f"loss_chunk {chunk}: {r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.1%}, "
+                       f"warm-up {r['warmup_s']:.1f} s, peak {r['peak_allocated_gib'] or 0:.1f} GiB")
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    res = {"machine": common.machine_info(device), "preset": args.preset, "tiny": args.tiny,
+           "windows_per_step": windows, "block_size": tcfg.block_size, "peak": peak,
+           "command": "python bench/bench_microbatch.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "rows": rows}
+    res["markdown"] = markdown(res)
+    common.write_json(args.out, res)
+    print(res["markdown"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
