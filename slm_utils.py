@@ -1135,7 +1135,7 @@ class GPT(nn.Module):
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, use_kv_cache: bool = True,
                         generator: torch.Generator | None = None, stop_token: int | None = None,
-                        cuda_graph: "bool | GraphDecoder" = False) -> Iterator[torch.Tensor]:
+                        cuda_graph: "bool | GraphDecoder | None" = None) -> Iterator[torch.Tensor]:
         """Yield the next token of every row, (B,), one step at a time. See ``generate``."""
         check_sampling_args(self.config.vocab_size, max_new_tokens, temperature, top_k, top_p)
         if idx.dim() == 1:
@@ -1153,9 +1153,12 @@ class GPT(nn.Module):
             seq = idx
             done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
             cache_start = -1  # where the cached window begins; -1: nothing cached yet
+            if cuda_graph is None:  # a graph on a GPU, where one-token steps are launch-bound (BENCHMARKS.md section 5)
+                cuda_graph = use_kv_cache and idx.device.type == "cuda"
             if not isinstance(cuda_graph, (bool, GraphDecoder)):
-                raise ConfigError(f"cuda_graph={cuda_graph!r} must be True, False or a GraphDecoder. Fix: "
-                                  "cuda_graph=True, or GraphDecoder(model, batch_size) to reuse its graph "
+                raise ConfigError(f"cuda_graph={cuda_graph!r} must be None, True, False or a GraphDecoder. Fix: "
+                                  "leave it out (a graph on a GPU), cuda_graph=True or False, or "
+                                  "GraphDecoder(model, batch_size) to reuse its graph "
                                   "(a plain CachedDecoder is what generate() makes for itself).")
             decoder = cuda_graph if isinstance(cuda_graph, GraphDecoder) else None
             if decoder is not None and (decoder.model is not self or decoder.batch_size != idx.size(0)):
@@ -1188,7 +1191,7 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, use_kv_cache: bool = True,
                  generator: torch.Generator | None = None, stop_token: int | None = None,
-                 cuda_graph: "bool | GraphDecoder" = False) -> torch.Tensor:
+                 cuda_graph: "bool | GraphDecoder | None" = None) -> torch.Tensor:
         """Continue ``idx`` (B, T) by up to ``max_new_tokens`` tokens; returns (B, T + new).
 
         ``temperature=0`` is greedy; ``top_k`` / ``top_p`` filter before sampling; ``generator``
@@ -1197,6 +1200,8 @@ class GPT(nn.Module):
         Prompts longer than ``block_size`` are cropped with a warning (see ``context_start``).
         ``cuda_graph=True`` replays the cached one-token step from a CUDA graph (``GraphDecoder``),
         captured for this call; pass a ``GraphDecoder`` of this model and batch size to reuse its graph.
+        The default, None, is True for a model on a GPU with the cache on, where a one-token step is a
+        few hundred kernel launches and the graph replays them as one; False elsewhere.
         """
         if idx.dim() == 1:
             idx = idx.unsqueeze(0)

@@ -37,7 +37,7 @@ def time_modes(block_size: int, new: int, repeats: int, device: torch.device) ->
     model = S.GPT(dataclasses.replace(mcfg, block_size=block_size)).to(device).eval()
     prompt = torch.tensor([S.get_tokenizer().encode("HAMLET.\nTo be, or not to be")], device=device)
     decoder = S.GraphDecoder(model, 1)  # one capture, reused by every graph run
-    runs = {"no_cache": dict(use_kv_cache=False), "kv_cache": dict(), "kv_cache_cuda_graph": dict(cuda_graph=decoder)}
+    runs = {"no_cache": dict(use_kv_cache=False), "kv_cache": dict(cuda_graph=False), "kv_cache_cuda_graph": dict(cuda_graph=decoder)}
     outputs, first = {}, {}
     for mode, kw in runs.items():  # warm-up: allocator, kernels, the graph's capture
         first[mode] = common.time_call(lambda: outputs.__setitem__(

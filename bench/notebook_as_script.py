@@ -40,6 +40,10 @@ class Code(_Shown):
     pass
 
 
+class Image(_Shown):
+    pass
+
+
 class Markdown(_Shown):
     def __repr__(self):
         return str(self.data)
@@ -88,6 +92,8 @@ def main(argv=None) -> int:
 
     out = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / "bench").exists():  # the notebook reads bench/projection.json and bench/ablation.json from its folder
+        (out / "bench").symlink_to(REPO / "bench", target_is_directory=True)
     overrides = {"PRESET": args.preset, "DATA_SOURCE": args.data_source, "MAX_STEPS": args.max_steps,
                  "RESUME": False, "OUT_DIR": str(out / "outputs"), "DATA_DIR": str(out / "data")}
     with tempfile.TemporaryDirectory(prefix="slm-notebook-") as tmp:

@@ -152,10 +152,27 @@ def test_cuda_graph_decoding_equals_the_cached_decoding():
     for length in (5, 31):  # 31: the first step fills the last slot of the 32-token context
         prompt = torch.randint(0, 97, (2, length), device="cuda")
         graphed = model.generate(prompt, 100, temperature=0, cuda_graph=True)
-        assert torch.equal(graphed, model.generate(prompt, 100, temperature=0))
+        assert torch.equal(graphed, model.generate(prompt, 100, temperature=0, cuda_graph=False))
     decoder = s.GraphDecoder(model, 2)
     decoder.prefill(prompt[:, :5])
     decoder.step(prompt[:, 5:6])
     assert decoder.graph is not None and decoder.cache.length == 6 and decoder.cache.pos.item() == 6
     again = model.generate(prompt[:, :5], 40, temperature=0, cuda_graph=decoder)  # the captured graph, reused
-    assert torch.equal(again, model.generate(prompt[:, :5], 40, temperature=0))
+    assert torch.equal(again, model.generate(prompt[:, :5], 40, temperature=0, cuda_graph=False))
+
+
+def test_generate_decodes_through_a_cuda_graph_by_default_on_the_gpu(monkeypatch):
+    made, init = [], s.GraphDecoder.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(s.GraphDecoder, "__init__", counting_init)
+    model = s.GPT(s.GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0)).cuda()
+    prompt = torch.randint(0, 97, (1, 4), device="cuda")
+    model.generate(prompt, 3, temperature=0)
+    assert made == [1]
+    model.generate(prompt, 3, temperature=0, cuda_graph=False)
+    model.generate(prompt, 3, temperature=0, use_kv_cache=False)
+    assert made == [1]

@@ -30,7 +30,7 @@ def load_time_to_loss():
 def test_a_bad_step_list_stops_the_check_before_it_starts(tmp_path, steps, bad):
     run = run_check(tmp_path / "out", 60, GPU_CHECK_STEPS=steps)
     assert run.returncode == 2 and bad in run.stderr
-    assert "tests,train,fused,decode,ttl,seed,notebook" in run.stderr  # the message lists the names
+    assert "tests,train,fused,decode,sweep,ttl,seed,notebook" in run.stderr  # the message lists the names
     assert not (tmp_path / "out").exists()  # nothing run, nothing written
 
 
@@ -41,7 +41,7 @@ def test_the_selected_steps_and_only_those_run(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     made = {p.name for p in out.iterdir()}
     assert {"fused_loss.json", "decode.json", "gpu_check.json"} <= made
-    assert not made & {"train.json", "test_cuda.log", "time_to_loss.json", "notebook.log"}
+    assert not made & {"train.json", "test_cuda.log", "microbatch.json", "time_to_loss.json", "notebook.log"}
 
 
 @pytest.mark.parametrize("recipe", ["new", "old", "seed"])
@@ -56,3 +56,13 @@ def test_every_recipe_writes_checkpoints_as_the_t4_preset_does(recipe, tmp_path)
     assert (cfg.dtype, cfg.muon_ns_dtype, cfg.max_steps) == ("float16", "float16", 150)
     assert cfg.optimizer == {"new": "muon", "old": "adamw", "seed": "adamw"}[recipe]
     assert cfg.tokens_per_step == {"new": 16_384, "old": 16_384, "seed": 131_072}[recipe]
+
+
+def test_the_micro_batch_sweep_refuses_a_size_that_does_not_divide_the_step(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_microbatch
+
+    assert bench_microbatch._pairs("64:0, 128:4096,32") == [(64, 0), (128, 4096), (32, 0)]
+    with pytest.raises(SystemExit, match="48 does not divide the 128 windows"):
+        bench_microbatch.measure_row("t4", 48, 128, None, tmp_path, compile=False, loss_chunk=0, warmup=0, steps=1,
+                                     tiny=True, peak_tflops=1.0)

@@ -257,6 +257,20 @@ def test_cuda_graph_takes_a_flag_or_a_graph_decoder(lively_model):
             lively_model.generate(prompt, 2, cuda_graph=wrong)
 
 
+def test_generate_builds_no_graph_decoder_on_the_cpu_unless_asked(lively_model, monkeypatch):
+    made, init = [], slm_utils.GraphDecoder.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(slm_utils.GraphDecoder, "__init__", counting_init)
+    prompt = tokens((1, 3), 97, 5)
+    default = lively_model.generate(prompt, 6, temperature=0)  # cuda_graph=None: a graph on a GPU only
+    assert made == []
+    assert torch.equal(default, lively_model.generate(prompt, 6, temperature=0, cuda_graph=True)) and made == [1]
+
+
 def test_graph_decoder_refuses_dropout_in_training_mode():
     """A graph would replay one dropout mask forever; without dropout, training mode changes nothing."""
     torch.manual_seed(0)

@@ -27,3 +27,18 @@ def test_the_script_is_the_notebook_with_its_parameters_overridden():
     cells = json.loads((REPO / "SLM_movie_scripts.ipynb").read_text())["cells"]
     kept = [c for c in cells if c["cell_type"] == "code" and "# NBVAL_SKIP" not in "".join(c["source"])]
     assert script.count("#### cell ") == len(kept) > 20  # every other code cell, each announced
+
+
+def test_the_display_stand_in_has_every_name_the_notebook_imports():
+    """On a GPU machine without IPython the script runs against a stand-in; a name the notebook
+    imports from IPython.display and the stand-in lacks stops the script at that cell."""
+    import re
+
+    tool = load_tool()
+    script = tool.build_script(REPO / "SLM_movie_scripts.ipynb", {})
+    wanted = {name.strip() for line in re.findall(r"^\s*from IPython\.display import (.+)$", script, re.M)
+              for name in line.split(",")}
+    assert wanted  # the notebook does import from it
+    stand_in = {}
+    exec(tool.DISPLAY_STAND_IN, stand_in)
+    assert wanted <= set(stand_in), f"missing from the stand-in: {sorted(wanted - set(stand_in))}"
