@@ -1243,6 +1243,61 @@ def h100_checks() -> list[dict]:
     return checks
 
 
+def gpu_run_checks(run_dir: str | Path) -> dict:
+    """The figures of a recorded ``bench/gpu_check.sh`` run (``bench/gpu_runs/<date>-<gpu>``), each beside
+    its projection on that GPU: the lever table's GPT-2 shape (``train.json``), the ``"t4"`` preset's
+    micro-batch sweep (``microbatch.json``) and its cached decoding (``decode.json``, the plain cache)."""
+    import dataclasses
+    import json
+
+    S = _slm()
+    run_dir = Path(run_dir)
+    load = lambda name: json.loads((run_dir / name).read_text())  # noqa: E731
+    train, sweep, decode = load("train.json"), load("microbatch.json"), load("decode.json")
+    gpu = train["machine"]["device"]["name"]
+    chip_name = chip_for_device_name(gpu)
+    if chip_name is None:
+        raise SystemExit(f"{run_dir}: the run's GPU, {gpu!r}, is not among the chips of this projection.")
+    chip = CHIPS[chip_name]
+    checks = []
+
+    def add(what, measured, units, parts, note=""):
+        checks.append({"what": what, "measured": [measured], "units": units, "gpu_s": parts["gpu_s"],
+                       "cpu_s": parts["cpu_s"], "host_s": parts.get("host_s", 0.0), "note": note})
+
+    # the lever table: GPT-2 blocks 6/6/384, one micro-batch of 64 x 128, AdamW, bf16 (as h100_checks)
+    rate = {r["name"].split(" = ")[0]: r["tokens_per_s"] for r in train["rows"]}
+    shape = dict(vocab_size=50257, block_size=128, n_layer=6, n_head=6, n_embd=384, dropout=0.1, bias=True)
+    tcfg = S.TrainConfig(batch_size=64, block_size=128, max_steps=10_000, eval_batch_size=64)
+    mcfg = S.GPTConfig(**shape, pad_vocab_multiple=64)
+    trace = trace_train_step(mcfg, tcfg)
+    tokens = tcfg.tokens_per_step
+    add("GPT-2 shape, 64 x 1, eager", rate["slm_utils"], tokens, step_cost(trace, tcfg, chip, "eager"))
+    add("GPT-2 shape, 64 x 1, compiled", rate["torch.compile on"], tokens, step_cost(trace, tcfg, chip, "compiled"))
+    add("GPT-2 shape, 64 x 1, eager, vocabulary not padded", rate["pad 64 off"], tokens,
+        step_cost(trace_train_step(S.GPTConfig(**shape), tcfg), tcfg, chip, "eager"))
+    add("GPT-2 shape, 64 x 1, eager, AdamW not fused", rate["fused AdamW off"], tokens,
+        step_cost(trace_train_step(mcfg, tcfg, fused=False), tcfg, chip, "eager"))
+    add("GPT-2 shape, evaluation forward, eager", train["eval_forward_tokens_per_s"],
+        tcfg.eval_batch_size * tcfg.block_size, price(trace_eval_batch(mcfg, tcfg), chip, "eager"))
+    # the "t4" preset itself: Llama blocks, Muon, 128 windows per optimizer step
+    pm, pt = S.preset(sweep["preset"])
+    for r in sweep["rows"]:
+        cfg = dataclasses.replace(pt, batch_size=r["micro_batch"], grad_accum_steps=r["grad_accum_steps"],
+                                  loss_chunk=r["loss_chunk"])
+        mode = "compiled" if r["compiled"] else "eager"
+        head = f", fused head + loss ({r['loss_chunk']:,}-row chunks)" if r["loss_chunk"] else ""
+        add(f"'{sweep['preset']}' preset, {r['micro_batch']} x {r['grad_accum_steps']}, {mode}{head}",
+            r["tokens_per_s"], cfg.tokens_per_step, step_cost(trace_train_step(pm, cfg), cfg, chip, mode))
+    for r in decode["rows"]:
+        if r["block_size"] == pm.block_size:
+            add(f"'{sweep['preset']}' preset, cached greedy decoding, batch 1", r["tokens_per_s"]["kv_cache"], 1,
+                price(trace_decode_step(pm), chip, "eager"),
+                f"measured: {r['new_tokens']} tokens including the prefill and window hops; projected: the "
+                "steady cached step")
+    return {"run": str(run_dir), "gpu": gpu, "chip": chip_name, "date": train["machine"]["date"], "checks": checks}
+
+
 def fit_calibration(checks: list[dict]) -> tuple[float, float]:
     """(GPU, CPU) factors: the CPU one from the decode figure (almost all launch overhead), then the GPU
     one from eager training, so that both are reproduced exactly."""
@@ -1341,6 +1396,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="chunk sizes of the fused head + loss to price against the plain one; none to skip")
     parser.add_argument("--no-calibration", action="store_true",
                         help="skip the H100 check and the calibration fitted on it")
+    parser.add_argument("--validate", nargs="*", default=[], metavar="RUN_DIR",
+                        help="recorded GPU runs (bench/gpu_runs/...) to check the projection against")
     parser.add_argument("--measured-tok-s", nargs="*", default=[], metavar="CHIP[:PRESET[:MODE]]=VALUE",
                         help="a measured training tok/s, to print the projection's error against it")
     args = parser.parse_args(argv)
@@ -1438,6 +1495,20 @@ def main(argv: list[str] | None = None) -> dict:
                 t4 = r["same_shape_on_t4"]
                 print(f"\nthe same shape on a T4, {r['what']}: projected {t4['projected']:,.0f} tok/s, calibrated "
                       f"{t4['calibrated']:,.0f} tok/s")
+
+    for run_dir in args.validate:
+        t = time.perf_counter()
+        run = gpu_run_checks(run_dir)
+        rows = validation_rows(run["checks"], factors)
+        result.setdefault("validation", []).append({**{k: run[k] for k in ("run", "gpu", "chip", "date")},
+                                                     "rows": rows})
+        print(f"checked against {run_dir} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        print(f"\n### check against the {run['gpu']} run of {run['date'][:10]} ({run_dir})\n")
+        print("| figure | measured tok/s | projected tok/s | error | calibrated tok/s | error |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            cal = (f"{r['calibrated']:,.0f} | {r['calibrated_error_pct']:+.0f}%" if factors else "n/a | n/a")
+            print(f"| {r['what']} | {r['measured'][0]:,.0f} | {r['projected']:,.0f} | {r['error_pct']:+.0f}% | {cal} |")
 
     for item in args.measured_tok_s:
         key, _, value = item.partition("=")

@@ -193,3 +193,32 @@ def test_fused_head_and_loss_keeps_the_flops_and_cuts_the_peak():
     assert head and all(op.tensor_core for op in head)
     puts = [op for op in fused.ops if op.name == "index_put_"]
     assert puts and all(op.bytes < 64 * 1024 for op in puts)  # 64 rows' targets, not 64 x 50,304 logits
+
+
+H200_RUN = ROOT / "bench" / "gpu_runs" / "2026-11-29-h200"
+
+
+def test_a_recorded_gpu_run_is_priced_figure_by_figure_on_its_own_chip():
+    run = pg.gpu_run_checks(H200_RUN)
+    assert run["chip"] == "H200"
+    sweep = json.loads((H200_RUN / "microbatch.json").read_text())["rows"]
+    train = json.loads((H200_RUN / "train.json").read_text())
+    assert len(run["checks"]) == 5 + len(sweep) + 1  # the lever table, the sweep, the decoding
+    by = {c["what"]: c for c in run["checks"]}
+    ours = next(r for r in train["rows"] if r["name"].startswith("slm_utils"))
+    assert by["GPT-2 shape, 64 x 1, eager"]["measured"] == [ours["tokens_per_s"]]
+    assert by["'t4' preset, 128 x 1, eager"]["units"] == 128 * 128  # tokens per optimizer step
+    for c in run["checks"]:
+        assert c["gpu_s"] > 0 and c["cpu_s"] > 0, c["what"]
+    rows = pg.validation_rows(run["checks"], (1.0, 1.0))
+    assert all(r["calibrated"] == pytest.approx(r["projected"]) for r in rows)  # factors of 1 change nothing
+
+
+def test_a_run_on_a_gpu_the_projection_does_not_know_is_refused(tmp_path):
+    for name in ("microbatch.json", "decode.json"):
+        (tmp_path / name).write_text((H200_RUN / name).read_text())
+    train = json.loads((H200_RUN / "train.json").read_text())
+    train["machine"]["device"]["name"] = "Some Future GPU"
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    with pytest.raises(SystemExit, match="'Some Future GPU', is not among the chips"):
+        pg.gpu_run_checks(tmp_path)
