@@ -45,15 +45,17 @@ def _pairs(text: str) -> list[tuple[int, int]]:
     return out
 
 
-def measure_row(preset: str, micro_batch: int, windows: int, device: torch.device, data_dir, *, compile: bool,
-                loss_chunk: int, warmup: int, steps: int, tiny: bool, peak_tflops: float) -> dict:
-    """Time ``steps`` optimizer steps of ``windows`` windows cut into micro-batches of ``micro_batch``."""
+def make_step(preset: str, micro_batch: int, windows: int, device: torch.device, data_dir, *, compile: bool,
+              loss_chunk: int, tiny: bool, **overrides):
+    """(step, model, optimizer, train config): ``step()`` trains one optimizer step of ``windows``
+    windows cut into micro-batches of ``micro_batch``, through ``slm_utils.train_step``."""
     if windows % micro_batch:
         raise SystemExit(f"--micro-batches: {micro_batch} does not divide the {windows} windows per step; "
                          "pick a divisor.")
     accum = windows // micro_batch
     shape = dict(n_layer=1, n_head=2, n_embd=32) if tiny else {}
-    mcfg, tcfg = S.preset(preset, batch_size=micro_batch, grad_accum_steps=accum, device=str(device), **shape)
+    mcfg, tcfg = S.preset(preset, batch_size=micro_batch, grad_accum_steps=accum, device=str(device),
+                          **{**shape, **overrides})
     torch.manual_seed(1234)
     model = S.GPT(mcfg).to(device)
     opt = S.configure_optimizer(model, tcfg, device.type)
@@ -70,6 +72,16 @@ def measure_row(preset: str, micro_batch: int, windows: int, device: torch.devic
         return S.train_step(fwd, opt, scaler, batches, grad_clip=tcfg.grad_clip, device=device, dtype=dtype,
                             loss_chunk=loss_chunk)
 
+    return step, model, opt, tcfg
+
+
+def measure_row(preset: str, micro_batch: int, windows: int, device: torch.device, data_dir, *, compile: bool,
+                loss_chunk: int, warmup: int, steps: int, tiny: bool, peak_tflops: float) -> dict:
+    """Time ``steps`` optimizer steps of ``windows`` windows cut into micro-batches of ``micro_batch``."""
+    step, model, _, tcfg = make_step(preset, micro_batch, windows, device, data_dir, compile=compile,
+                                     loss_chunk=loss_chunk, tiny=tiny)
+    accum = tcfg.grad_accum_steps
+    dtype = S.choose_amp_dtype(device.type) if tcfg.dtype == "auto" else getattr(torch, tcfg.dtype)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check on one CUDA GPU; every figure lands as JSON in OUTDIR. Each step below has a time
-# limit; all of them add up to 1,050 s, so on a machine lent with a 10-minute limit per command
+# limit; all of them add up to 1,170 s, so on a machine lent with a 10-minute limit per command
 # run it in two parts (GPU_CHECK_STEPS, below; BENCHMARKS.md section 5 gives the two calls).
 #
 #   bash bench/gpu_check.sh OUTDIR
@@ -25,6 +25,9 @@
 # sweep    The "t4" preset itself (Llama blocks, Muon, bf16) at 128 windows per optimizer step cut
 #          into micro-batches of 16, 32, 64 and 128, eager, and 128 x 1 compiled with the fused head +
 #          loss: tokens/s, MFU and peak memory (bench/bench_microbatch.py). -> OUTDIR/microbatch.json
+# profile  Where a step's time goes: GPU kernel time against wall time, kernel launches, and the
+#          optimizer's share, eager and compiled, for the "t4" preset at 64 x 2 and for the GPT-2 +
+#          AdamW recipe (bench/profile_step.py). -> OUTDIR/profile{,_gpt2}.json
 # ttl      Timed runs to two target val losses, the bigram baseline and 0.5 below it (see
 #          bench/time_to_loss.py): on the embedded Shakespeare corpus, the "t4" preset's recipe and
 #          the old GPT-2 + AdamW recipe, each eager and with torch.compile (its warm-up counted), at
@@ -49,7 +52,7 @@ set -euo pipefail
 OUT="${1:?usage: bash bench/gpu_check.sh OUTDIR}"
 
 # the steps to run: GPU_CHECK_STEPS, comma-separated (spaces ignored), or all of them
-ALL_STEPS=tests,train,fused,decode,sweep,ttl,seed,notebook
+ALL_STEPS=tests,train,fused,decode,sweep,profile,ttl,seed,notebook
 STEPS="${GPU_CHECK_STEPS:-$ALL_STEPS}"
 STEPS="${STEPS//[[:space:]]/}"
 IFS=, read -ra SELECTED <<< "$STEPS"
@@ -82,6 +85,7 @@ if [ "${SLM_GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   FUSED_ARGS=(--device cpu --rows 256 --width 32 --chunks 0,64 --reps 1)
   DECODE_ARGS=(--device cpu --new 8 --repeats 1 --block-sizes 128)
   SWEEP_ARGS=(--device cpu --tiny --micro-batches 64,128 --warmup 1 --steps 1)
+  PROFILE_ARGS=(--device cpu --tiny --modes eager --warmup 1 --steps 1)
 else
   "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: bench/gpu_check.sh needs a GPU')"
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,power.limit,clocks.max.sm \
@@ -94,6 +98,7 @@ else
   FUSED_ARGS=(--device cuda --rows 8192 --chunks 0,1024,2048,4096,8192)
   DECODE_ARGS=(--device cuda --new 512 --repeats 3)
   SWEEP_ARGS=(--device cuda --micro-batches 16,32,64,128 --compiled 128:4096 --warmup 3 --steps 6)
+  PROFILE_ARGS=(--device cuda --modes eager,compiled --warmup 3 --steps 5)
 fi
 
 failed=()
@@ -126,6 +131,12 @@ fi
 if want sweep; then
   step "micro-batch sweep of the t4 preset" 90 "$OUT/microbatch.log" \
     "$PY" bench/bench_microbatch.py --out "$OUT/microbatch.json" "${SWEEP_ARGS[@]}"
+fi
+if want profile; then
+  step "profile of a step, t4 preset" 60 "$OUT/profile.log" \
+    "$PY" bench/profile_step.py --out "$OUT/profile.json" "${PROFILE_ARGS[@]}"
+  step "profile of a step, GPT-2 + AdamW" 60 "$OUT/profile_gpt2.log" \
+    "$PY" bench/profile_step.py --out "$OUT/profile_gpt2.json" --set arch=gpt2 optimizer=adamw "${PROFILE_ARGS[@]}"
 fi
 if want ttl; then
   # eager first, then fp16 as on a T4, then the compiled runs (each pays its compile warm-up): if the
@@ -199,6 +210,11 @@ sweep = load("microbatch.json")
 if sweep:
     summary["microbatch"] = [{k: r[k] for k in ("micro_batch", "grad_accum_steps", "compiled", "loss_chunk",
                                                 "tokens_per_s", "mfu", "peak_allocated_gib")} for r in sweep["rows"]]
+for key in ("profile", "profile_gpt2"):
+    prof = load(key + ".json")
+    if prof:
+        summary[key] = [{k: r[k] for k in ("mode", "wall_ms", "kernel_ms", "gpu_busy", "kernels", "optimizer_cpu_ms",
+                                           "optimizer_kernels")} for r in prof["rows"]]
 fused = load("fused_loss.json")
 if fused:
     summary["fused_loss"] = [{k: r[k] for k in ("chunk", "median_ms", "peak_extra_mb", "time_vs_plain",

@@ -30,7 +30,7 @@ def load_time_to_loss():
 def test_a_bad_step_list_stops_the_check_before_it_starts(tmp_path, steps, bad):
     run = run_check(tmp_path / "out", 60, GPU_CHECK_STEPS=steps)
     assert run.returncode == 2 and bad in run.stderr
-    assert "tests,train,fused,decode,sweep,ttl,seed,notebook" in run.stderr  # the message lists the names
+    assert "tests,train,fused,decode,sweep,profile,ttl,seed,notebook" in run.stderr  # the message lists the names
     assert not (tmp_path / "out").exists()  # nothing run, nothing written
 
 
@@ -41,7 +41,7 @@ def test_the_selected_steps_and_only_those_run(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     made = {p.name for p in out.iterdir()}
     assert {"fused_loss.json", "decode.json", "gpu_check.json"} <= made
-    assert not made & {"train.json", "test_cuda.log", "microbatch.json", "time_to_loss.json", "notebook.log"}
+    assert not made & {"train.json", "test_cuda.log", "microbatch.json", "profile.json", "time_to_loss.json", "notebook.log"}
 
 
 @pytest.mark.parametrize("recipe", ["new", "old", "seed"])
@@ -66,3 +66,15 @@ def test_the_micro_batch_sweep_refuses_a_size_that_does_not_divide_the_step(tmp_
     with pytest.raises(SystemExit, match="48 does not divide the 128 windows"):
         bench_microbatch.measure_row("t4", 48, 128, None, tmp_path, compile=False, loss_chunk=0, warmup=0, steps=1,
                                      tiny=True, peak_tflops=1.0)
+
+
+def test_the_step_profile_reads_its_overrides_and_refuses_an_unknown_mode(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "bench"))
+    import profile_step
+
+    assert profile_step._override("arch=gpt2") == ("arch", "gpt2")
+    assert profile_step._override("muon_lr=0.01") == ("muon_lr", 0.01)
+    with pytest.raises(SystemExit):
+        profile_step.main(["--out", str(tmp_path / "p.json"), "--device", "cpu", "--modes", "eager,fast"])
+    assert "--modes 'eager,fast'" in capsys.readouterr().err
+    assert not (tmp_path / "p.json").exists()
