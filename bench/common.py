@@ -183,20 +183,23 @@ def device_peak(device: torch.device, quick: bool) -> dict:
 
 # ---- FLOPs ---------------------------------------------------------------------------
 
-FLOPS_FORMULA = ("FLOPs per token = 6 * N + 12 * n_layer * n_embd * T, where N counts every parameter "
-                 "except the position table, with the tied token matrix counted once (it is the lm_head "
-                 "matmul); 6N covers forward (2N) and backward (4N); 12*L*C*T is attention's QK^T and AV "
-                 "over the full T x T square (PaLM appendix B / nanoGPT convention).")
+FLOPS_FORMULA = ("FLOPs per token = 6 * N + 12 * n_layer * n_embd * T, where N counts the parameters that "
+                 "multiply activations: every parameter except the position table and, when the head is untied, "
+                 "the input token table (both are lookups), with a tied token matrix counted once (it is the "
+                 "lm_head matmul) and padded vocabulary rows left out; 6N covers forward (2N) and backward (4N); "
+                 "12*L*C*T is attention's QK^T and AV over the full T x T square (PaLM appendix B / nanoGPT "
+                 "convention).")
 
 
 def flops_per_token(model, block_size: int) -> float:
-    """``FLOPS_FORMULA`` for a slm_utils.GPT (or anything with the same ``config`` and ``transformer``)."""
-    cfg = model.config
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    n_params -= (getattr(cfg, "padded_vocab_size", cfg.vocab_size) - cfg.vocab_size) * cfg.n_embd
-    if "wpe" in model.transformer:  # a rotary model has no position table
-        n_params -= model.transformer.wpe.weight.numel()
-    return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * block_size
+    """``FLOPS_FORMULA`` for a slm_utils.GPT, from ``slm_utils.count_parameters`` (as the projection counts)."""
+    import slm_utils
+
+    cfg = slm_utils.unwrap(model).config
+    counts = slm_utils.count_parameters(model)
+    untied_table = 0 if cfg.tie_weights else counts["token_embedding"]  # a lookup, no matmul
+    matmul_params = counts["total"] - counts["position_embedding"] - untied_table
+    return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * block_size
 
 
 # ---- timing --------------------------------------------------------------------------

@@ -222,3 +222,15 @@ def test_a_run_on_a_gpu_the_projection_does_not_know_is_refused(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps(train))
     with pytest.raises(SystemExit, match="'Some Future GPU', is not among the chips"):
         pg.gpu_run_checks(tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["t4", "cpu", "seed"])
+def test_the_benchmarks_mfu_counts_the_flops_the_projection_counts(preset):
+    """bench/common.flops_per_token (the benchmarks' MFU) and project_gpu.model_info agree: neither
+    counts a lookup table (positions, an untied input token table) as matmul work."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+
+    mcfg, _ = slm_utils.preset(preset)
+    expected = pg.model_info(mcfg, mcfg.block_size)["model_flops_per_token"]
+    assert common.flops_per_token(slm_utils.GPT(mcfg), mcfg.block_size) == expected
