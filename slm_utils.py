@@ -1606,6 +1606,37 @@ def scale_schedule(cfg: TrainConfig, max_steps: int) -> TrainConfig:
                                curriculum_steps=curriculum)
 
 
+# A GPU with at least this much memory gets the larger micro-batches of device_batch.
+LARGE_GPU_GIB = 40
+LARGE_GPU_MICRO_TOKENS = 16_384  # 128 windows of 128: 13.0 GiB at the "t4" shape on an H200
+
+
+def device_batch(cfg: TrainConfig, device: "str | torch.device | None" = None,
+                 memory_gib: float | None = None) -> TrainConfig:
+    """The same optimizer steps in fewer, larger micro-batches, on a GPU with room for them.
+
+    On a large GPU a 64-window micro-batch leaves the chip mostly idle, most likely waiting for
+    Python to launch a forward and backward of a few hundred kernels (not yet profiled), and each
+    extra micro-batch costs about the same whatever its size. On an H200 the "t4" preset ran at 244,694
+    tokens/s as 64 x 2 and at 359,291 as 128 x 1 (BENCHMARKS.md section 5). So on a CUDA device with at
+    least ``LARGE_GPU_GIB`` of memory (``memory_gib``, default: the device's own), one step's windows
+    are regrouped into the largest micro-batches of at most ``LARGE_GPU_MICRO_TOKENS`` tokens that
+    divide them. Tokens per step, learning rates and schedule stay as they are; only which windows are
+    drawn changes. A T4 (15 GiB) is compute-bound and keeps the preset's split; so does a CPU.
+    """
+    dev = _resolve_device(cfg.device if device is None else str(device))
+    if dev.type != "cuda":
+        return cfg
+    if memory_gib is None:
+        memory_gib = torch.cuda.get_device_properties(dev).total_memory / 2**30
+    if memory_gib < LARGE_GPU_GIB:
+        return cfg
+    windows = cfg.batch_size * cfg.grad_accum_steps
+    largest = max(cfg.batch_size, LARGE_GPU_MICRO_TOKENS // cfg.block_size)
+    batch = max(b for b in range(cfg.batch_size, windows + 1) if windows % b == 0 and b <= largest)
+    return dataclasses.replace(cfg, batch_size=batch, grad_accum_steps=windows // batch)
+
+
 def choose_amp_dtype(device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype:
     """The autocast dtype for a device: bf16 on sm80+, fp16 (with GradScaler) below, fp32 on CPU.
 

@@ -103,6 +103,24 @@ def test_scale_schedule_keeps_the_shares_of_warmup_and_evaluation(steps):
     assert get_lr(steps - 1, short) == pytest.approx(full.min_lr)
 
 
+@pytest.mark.parametrize("name, memory_gib, split", [
+    ("t4", 80, (128, 1)), ("t4", 40, (128, 1)), ("t4", 15, (64, 2)),  # a T4 keeps the preset's split
+    ("seed", 80, (128, 8)), ("cpu", 80, (8, 1))])
+def test_device_batch_regroups_a_step_into_larger_micro_batches_on_a_large_gpu(name, memory_gib, split):
+    _, cfg = preset(name)
+    big = slm_utils.device_batch(cfg, "cuda", memory_gib=memory_gib)
+    assert (big.batch_size, big.grad_accum_steps) == split
+    assert big.tokens_per_step == cfg.tokens_per_step  # the same windows per optimizer step
+    assert dataclasses.replace(big, batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps) == cfg
+    assert slm_utils.device_batch(cfg, "cpu") == cfg
+
+
+def test_device_batch_takes_the_largest_micro_batch_that_divides_the_step():
+    cfg = TrainConfig(batch_size=16, grad_accum_steps=12, block_size=128)  # 192 windows: 128 does not divide
+    big = slm_utils.device_batch(cfg, "cuda", memory_gib=80)
+    assert (big.batch_size, big.grad_accum_steps) == (96, 2)
+
+
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_scale_schedule_to_a_few_steps_stays_valid(steps):
     _, full = preset("t4")
