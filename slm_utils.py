@@ -11,8 +11,8 @@ This module is the library behind ``SLM_movie_scripts.ipynb``. It reads top to b
                    LayerNorm, GELU, biases) and ``arch="llama"`` (RoPE, RMSNorm, SwiGLU, GQA, no
                    biases), are each one Hugging Face ``transformers`` class
 5. Sampling        KV cache, the context window past block_size, temperature / top-k / top-p
-6. Training        TrainConfig, get_lr, the curriculum, choose_amp_dtype, AdamW and Muon,
-                   train_step, train(), checkpoints, presets
+6. Training        TrainConfig, get_lr, the curriculum, device_batch, choose_amp_dtype, AdamW
+                   and Muon, train_step, train(), checkpoints, presets
 7. Looking inside  attention maps and per-token losses for the notebook
 8. Plotting        loss curves and the learning-rate schedule
 9. Hugging Face    export_hf / import_hf: a folder ``transformers`` loads, with the same logits
@@ -1200,8 +1200,8 @@ class GPT(nn.Module):
         Prompts longer than ``block_size`` are cropped with a warning (see ``context_start``).
         ``cuda_graph=True`` replays the cached one-token step from a CUDA graph (``GraphDecoder``),
         captured for this call; pass a ``GraphDecoder`` of this model and batch size to reuse its graph.
-        The default, None, is True for a model on a GPU with the cache on, where a one-token step is a
-        few hundred kernel launches and the graph replays them as one; False elsewhere.
+        The default, None, is True for a model on a GPU with the cache on, where a one-token step is
+        about a hundred small kernel launches and the graph replays them as one; False elsewhere.
         """
         if idx.dim() == 1:
             idx = idx.unsqueeze(0)
@@ -1622,7 +1622,8 @@ def device_batch(cfg: TrainConfig, device: "str | torch.device | None" = None,
     least ``LARGE_GPU_GIB`` of memory (``memory_gib``, default: the device's own), one step's windows
     are regrouped into the largest micro-batches of at most ``LARGE_GPU_MICRO_TOKENS`` tokens that
     divide them. Tokens per step, learning rates and schedule stay as they are; only which windows are
-    drawn changes. A T4 (15 GiB) is compute-bound and keeps the preset's split; so does a CPU.
+    drawn changes. A T4 (15 GiB) keeps the preset's split: 128 x 1 would leave it under 2 GiB to
+    spare, for the 2-3% the projection expects there. A CPU keeps it too.
     """
     dev = _resolve_device(cfg.device if device is None else str(device))
     if dev.type != "cuda":

@@ -158,7 +158,7 @@ if want ttl; then
   done
 fi
 if want seed; then
-  # the seed's recipe takes 131K tokens per step: 150 steps (20M tokens, 60-70 s at the H100 rates of BENCHMARKS.md section 2),
+  # the seed's recipe takes 131K tokens per step: 150 steps (20M tokens; 94.5 s of training on the H200, BENCHMARKS.md section 5),
   # evaluated every 5 (last.pt at most every 5 minutes, as in the "t4" preset: see time_to_loss.py)
   step "time to target val loss, seed recipe" 150 "$OUT/time_to_loss_seed.log" \
     "$PY" bench/time_to_loss.py --recipe seed --out "$OUT/time_to_loss_seed.json" "${SEED_TTL_ARGS[@]}"
