@@ -2034,7 +2034,8 @@ def _write_payload(payload: dict, targets: Sequence[Path]):
 
 
 # TrainConfig fields a resumed run may change: they leave the weights' path step for step as it was
-# (max_steps: a longer or shorter schedule, on purpose), or only say where and how to run and save
+# (max_steps: a longer or shorter schedule, on purpose), or only say where and how to run and save.
+# batch_size and grad_accum_steps may change too while their product stays (load_checkpoint).
 RESUMABLE_CHANGES = ("max_steps", "out_dir", "device", "compile", "patience", "max_bad_steps", "eval_interval",
                      "eval_batch_size", "best_weights_only", "last_every_s", "background_checkpoints", "loss_chunk")
 
@@ -2089,7 +2090,12 @@ def load_checkpoint(path, model: nn.Module | None = None, optimizer=None, scaler
         raise CheckpointError(f"{path} was saved from a different model: {'; '.join(diff)}. Fix: build the "
                               "model from the checkpoint (load_checkpoint(path) with model=None) or retrain.")
     if train_config is not None and ckpt.get("train_config"):
-        diff = _config_mismatch(ckpt["train_config"], asdict(train_config), TrainConfig, RESUMABLE_CHANGES)
+        allowed = RESUMABLE_CHANGES
+        was = ckpt["train_config"]
+        if was.get("batch_size", 0) * was.get("grad_accum_steps", 0) == train_config.batch_size * train_config.grad_accum_steps:
+            # the same windows per step, cut differently (device_batch on another GPU): the same recipe
+            allowed = (*allowed, "batch_size", "grad_accum_steps")
+        diff = _config_mismatch(was, asdict(train_config), TrainConfig, allowed)
         if diff:
             raise CheckpointError(
                 f"{path} was trained with another recipe: {'; '.join(diff)}. Resuming would go on with a different "

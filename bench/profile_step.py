@@ -7,7 +7,8 @@ its kernels, and its compiled figures came out 56-71% optimistic on an H200 (BEN
 trains a preset's step (``bench/bench_microbatch.make_step``: the preset's model, optimizer, dtype and
 ``slm_utils.train_step``) a few times under ``torch.profiler`` and records, per step:
 
-- ``wall_ms``: the step's wall time, synchronized;
+- ``wall_ms``: the step's wall time under the profiler, synchronized (``wall_ms_unprofiled``: the
+  same number of steps just before, without it; the profiler's own overhead is the difference);
 - ``kernel_ms``: the sum of the GPU kernels' own times (memory copies and sets apart, in ``copy_ms``);
 - ``gpu_busy``: kernel_ms / wall_ms; far below 1 means the GPU waits for the CPU;
 - ``kernels``: kernel launches, the count the projection prices;
@@ -54,7 +55,15 @@ def _device_time_us(event) -> float:
     return 0.0
 
 
-LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch"}
+def _is_launch(name: str) -> bool:  # the runtime call that starts a kernel or a graph
+    return "LaunchKernel" in name or "LaunchCooperativeKernel" in name or name.endswith("GraphLaunch")
+
+
+def _is_annotation(event, ranges: set[str]) -> bool:
+    """A record_function range (ours, torch.optim's, compile's) mirrored on the GPU's timeline: it spans
+    the kernels it launched, so counting it would count them twice."""
+    return (getattr(event, "is_user_annotation", False) or getattr(event, "activity_type", None) == "gpu_user_annotation"
+            or event.name in ranges)
 
 
 def _inside(event, name: str) -> bool:
@@ -82,6 +91,7 @@ def profile_mode(args, device, data_dir, compiled: bool) -> dict:
         step()
     common.sync(device)
     warmup_s = time.perf_counter() - t0
+    plain = [common.time_call(step, device) for _ in range(args.steps)]  # the same steps, no profiler overhead
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     walls = []
     with profile(activities=activities) as prof:
@@ -92,14 +102,17 @@ def profile_mode(args, device, data_dir, compiled: bool) -> dict:
     kernels = 0
     per_kernel: dict[str, float] = {}
     opt_cpu_us, opt_kernels = 0.0, 0
-    for e in prof.events():
+    events = list(prof.events())
+    # a GPU event that shares its name with a CPU event is a mirrored range, not a kernel
+    ranges = {e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU}
+    for e in events:
         if e.device_type == torch.autograd.DeviceType.CPU:
             if e.name == "optimizer.step":
                 opt_cpu_us += e.cpu_time_total
-            elif e.name in LAUNCHES and _inside(e, "optimizer.step"):  # the runtime call that launched a kernel
+            elif _is_launch(e.name) and _inside(e, "optimizer.step"):
                 opt_kernels += 1
             continue
-        if e.device_type != torch.autograd.DeviceType.CUDA:
+        if e.device_type != torch.autograd.DeviceType.CUDA or _is_annotation(e, ranges):
             continue
         us = _device_time_us(e) or float(e.time_range.elapsed_us())
         if e.name.startswith(("Memcpy", "Memset")) or "memcpy" in e.name.lower():
@@ -114,6 +127,7 @@ def profile_mode(args, device, data_dir, compiled: bool) -> dict:
     return {"mode": "compiled" if compiled else "eager", "micro_batch": args.micro_batch,
             "grad_accum_steps": tcfg.grad_accum_steps, "loss_chunk": args.loss_chunk, "optimizer": tcfg.optimizer,
             "warmup_s": warmup_s, "steps": n, "wall_ms": wall_ms, "tokens_per_s": tokens / (wall_ms / 1e3),
+            "wall_ms_unprofiled": 1e3 * sum(plain) / n,
             "kernel_ms": kernel_us / 1e3 / n, "copy_ms": copy_us / 1e3 / n,
             "gpu_busy": (kernel_us / 1e3 / n) / wall_ms if device.type == "cuda" else None, "kernels": kernels / n,
             "optimizer_cpu_ms": opt_cpu_us / 1e3 / n, "optimizer_kernels": opt_kernels / n,

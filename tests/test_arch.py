@@ -292,6 +292,12 @@ def test_resuming_with_another_recipe_names_the_fields_and_loads_nothing(shakesp
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
     longer = dataclasses.replace(cfg, max_steps=3, loss_chunk=16)
     assert s.train(fresh, shakespeare_dir, longer, resume=True)["step"][-1] == 3
+    # the same windows per step cut differently (device_batch on a larger GPU) resumes; other windows do not
+    regrouped = dataclasses.replace(longer, max_steps=4, batch_size=1, grad_accum_steps=2)
+    assert s.train(fresh, shakespeare_dir, regrouped, resume=True)["step"][-1] == 4
+    bigger = dataclasses.replace(longer, max_steps=5, batch_size=4)
+    with pytest.raises(s.CheckpointError, match="batch_size: checkpoint 1 vs 4"):
+        s.train(fresh, shakespeare_dir, bigger, resume=True)
 
 
 # ---- training options -------------------------------------------------------------------------
