@@ -59,7 +59,7 @@ def make_step(preset: str, micro_batch: int, windows: int, device: torch.device,
     torch.manual_seed(1234)
     model = S.GPT(mcfg).to(device)
     opt = S.configure_optimizer(model, tcfg, device.type)
-    dtype = S.choose_amp_dtype(device.type) if tcfg.dtype == "auto" else getattr(torch, tcfg.dtype)
+    dtype = S._resolve_dtype(tcfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))  # as train() has it
     if compile:
         torch._dynamo.reset()  # each row compiles its own model; no reuse of another row's graphs
@@ -80,8 +80,6 @@ def measure_row(preset: str, micro_batch: int, windows: int, device: torch.devic
     """Time ``steps`` optimizer steps of ``windows`` windows cut into micro-batches of ``micro_batch``."""
     step, model, _, tcfg = make_step(preset, micro_batch, windows, device, data_dir, compile=compile,
                                      loss_chunk=loss_chunk, tiny=tiny)
-    accum = tcfg.grad_accum_steps
-    dtype = S.choose_amp_dtype(device.type) if tcfg.dtype == "auto" else getattr(torch, tcfg.dtype)
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -92,12 +90,12 @@ def measure_row(preset: str, micro_batch: int, windows: int, device: torch.devic
     warmup_s = time.perf_counter() - t0
     times = [common.time_call(step, device) for _ in range(steps)]
     st = common.summarize_times(times)
-    tokens = windows * tcfg.block_size
+    tokens = tcfg.tokens_per_step
     rate = tokens / st["median_s"]
     fpt = common.flops_per_token(model, tcfg.block_size)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"micro_batch": micro_batch, "grad_accum_steps": accum, "compiled": compile, "loss_chunk": loss_chunk,
-            "dtype": str(dtype).replace("torch.", ""), "optimizer": tcfg.optimizer, "tokens_per_step": tokens,
+    return {"micro_batch": micro_batch, "grad_accum_steps": tcfg.grad_accum_steps, "compiled": compile,
+            "loss_chunk": loss_chunk, "dtype": str(S._resolve_dtype(tcfg, device)).replace("torch.", ""), "optimizer": tcfg.optimizer, "tokens_per_step": tokens,
             "tokens_per_s": rate, "step_ms": st["median_s"] * 1e3, "step_ms_q1": st["q1_s"] * 1e3,
             "step_ms_q3": st["q3_s"] * 1e3, "timed_steps": st["n"], "warmup_s": warmup_s,
             "mfu": rate * fpt / (peak_tflops * 1e12), "peak_allocated_gib": peak_gib}

@@ -191,15 +191,21 @@ FLOPS_FORMULA = ("FLOPs per token = 6 * N + 12 * n_layer * n_embd * T, where N c
                  "convention).")
 
 
+def matmul_parameters(model) -> int:
+    """N of ``FLOPS_FORMULA``: the parameters of a slm_utils.GPT that multiply activations."""
+    import slm_utils
+
+    counts = slm_utils.count_parameters(model)
+    untied_table = 0 if slm_utils.unwrap(model).config.tie_weights else counts["token_embedding"]  # a lookup
+    return counts["total"] - counts["position_embedding"] - untied_table
+
+
 def flops_per_token(model, block_size: int) -> float:
-    """``FLOPS_FORMULA`` for a slm_utils.GPT, from ``slm_utils.count_parameters`` (as the projection counts)."""
+    """``FLOPS_FORMULA`` for a slm_utils.GPT (the projection's MFU numerator too)."""
     import slm_utils
 
     cfg = slm_utils.unwrap(model).config
-    counts = slm_utils.count_parameters(model)
-    untied_table = 0 if cfg.tie_weights else counts["token_embedding"]  # a lookup, no matmul
-    matmul_params = counts["total"] - counts["position_embedding"] - untied_table
-    return 6 * matmul_params + 12 * cfg.n_layer * cfg.n_embd * block_size
+    return 6 * matmul_parameters(model) + 12 * cfg.n_layer * cfg.n_embd * block_size
 
 
 # ---- timing --------------------------------------------------------------------------

@@ -23,7 +23,6 @@ trains a preset's step (``bench/bench_microbatch.make_step``: the preset's model
 from __future__ import annotations
 
 import argparse
-import ast
 import shutil
 import sys
 import time
@@ -40,11 +39,9 @@ from bench_microbatch import make_step  # noqa: E402
 
 
 def _override(text: str) -> tuple[str, object]:
-    key, _, value = text.partition("=")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value  # a bare word, e.g. arch=gpt2
+    """One ``--set`` pair, read as the command line of slm_utils reads it."""
+    (key, value), = S.parse_overrides([text]).items()
+    return key, value
 
 
 def _device_time_us(event) -> float:

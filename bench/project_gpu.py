@@ -802,16 +802,20 @@ def _meta_model(mcfg):
         return S.GPT(mcfg)
 
 
+def _common():
+    if str(HERE) not in sys.path:
+        sys.path.insert(0, str(HERE))
+    import common  # the benchmarks' FLOP count, so both MFUs share one numerator
+
+    return common
+
+
 def model_info(mcfg, block_size: int) -> dict:
     """Parameter counts and the MFU numerator (model FLOPs per token) of a model shape."""
-    S = _slm()
-    counts = S.count_parameters(_meta_model(mcfg))
-    # parameters that multiply activations: not the position table, not an untied token table
-    untied_table = 0 if mcfg.tie_weights else counts["token_embedding"]
-    matmul_params = counts["total"] - counts["position_embedding"] - untied_table
-    attention = 12 * mcfg.n_layer * mcfg.n_embd * block_size
-    return {"params": counts["total"], "matmul_params": matmul_params,
-            "model_flops_per_token": 6 * matmul_params + attention}
+    model = _meta_model(mcfg)
+    common = _common()
+    return {"params": _slm().count_parameters(model)["total"], "matmul_params": common.matmul_parameters(model),
+            "model_flops_per_token": common.flops_per_token(model, block_size)}
 
 
 def trace_forward(mcfg, batch_size: int, seq_len: int | None = None, amp: bool = True) -> Trace:

@@ -19,3 +19,17 @@ def take_steps(model, optimizer, x, steps=3):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+def count_graph_decoders(monkeypatch) -> list:
+    """A list that grows by one each time a ``slm_utils.GraphDecoder`` is made."""
+    import slm_utils
+
+    made, init = [], slm_utils.GraphDecoder.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(slm_utils.GraphDecoder, "__init__", counting_init)
+    return made

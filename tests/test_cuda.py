@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import copy_into_padded, take_steps
+from helpers import copy_into_padded, count_graph_decoders, take_steps
 
 import slm_utils as s
 
@@ -162,13 +162,7 @@ def test_cuda_graph_decoding_equals_the_cached_decoding():
 
 
 def test_generate_decodes_through_a_cuda_graph_by_default_on_the_gpu(monkeypatch):
-    made, init = [], s.GraphDecoder.__init__
-
-    def counting_init(self, *args, **kwargs):
-        made.append(1)
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(s.GraphDecoder, "__init__", counting_init)
+    made = count_graph_decoders(monkeypatch)
     model = s.GPT(s.GPTConfig(vocab_size=97, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0)).cuda()
     prompt = torch.randint(0, 97, (1, 4), device="cuda")
     model.generate(prompt, 3, temperature=0)

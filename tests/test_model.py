@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import copy_into_padded
+from helpers import copy_into_padded, count_graph_decoders
 
 import slm_utils
 from slm_utils import (
@@ -258,13 +258,7 @@ def test_cuda_graph_takes_a_flag_or_a_graph_decoder(lively_model):
 
 
 def test_generate_builds_no_graph_decoder_on_the_cpu_unless_asked(lively_model, monkeypatch):
-    made, init = [], slm_utils.GraphDecoder.__init__
-
-    def counting_init(self, *args, **kwargs):
-        made.append(1)
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(slm_utils.GraphDecoder, "__init__", counting_init)
+    made = count_graph_decoders(monkeypatch)
     prompt = tokens((1, 3), 97, 5)
     default = lively_model.generate(prompt, 6, temperature=0)  # cuda_graph=None: a graph on a GPU only
     assert made == []
