@@ -1494,6 +1494,7 @@ class TrainConfig:
     muon_lr: float = 0.02  # peak lr of the Muon matrices; follows the same warmup + cosine shape
     muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
     muon_ns_dtype: str = "auto"  # Newton-Schulz precision: "auto" (bf16 on sm80+, fp16 below, fp32 on CPU)
+    muon_stack: str = "auto"  # "on": same-shape matrices orthogonalized as one batch; "auto": on a GPU only
     curriculum_steps: int = 0  # steps of the curriculum, its last stage at full length (0: off); tokens/step fixed
     curriculum_start: int = 32  # the first window length; doubles in equal stages up to block_size
 
@@ -1534,6 +1535,9 @@ class TrainConfig:
         if self.muon_ns_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"muon_ns_dtype={self.muon_ns_dtype!r} must be 'auto', 'float32', 'bfloat16' or "
                               "'float16'.")
+        if self.muon_stack not in ("auto", "on", "off"):
+            raise ConfigError(f"muon_stack={self.muon_stack!r} must be 'auto', 'on' or 'off'. Fix: 'auto' stacks "
+                              "same-shape matrices on a GPU and takes them one at a time elsewhere.")
         if self.curriculum_steps:
             stages = self.block_size / self.curriculum_start
             if self.curriculum_steps < 0 or self.curriculum_steps >= self.max_steps:
@@ -1682,19 +1686,23 @@ def orthogonalize(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bf
 
     The coefficients (3.4445, -4.7750, 2.0315) make small singular values grow as fast as
     possible; after 5 steps they land between about 0.7 and 1.2 rather than exactly at 1, which
-    trains as well. Only matrix products, so it runs in ``dtype`` on tensor cores.
+    trains as well. Only matrix products, so it runs in ``dtype`` on tensor cores. ``G`` may also
+    be a stack (k, rows, cols): each of the k matrices is orthogonalized on its own, in one
+    batched product per step instead of k small ones.
     """
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.to(dtype)
-    tall = G.size(0) > G.size(1)
+    tall = G.size(-2) > G.size(-1)
     if tall:  # work on the wide orientation: the Gram matrix X X^T is then the smaller one
-        X = X.T
-    X = X / X.norm().clamp(min=eps)  # Frobenius norm >= spectral norm: every singular value <= 1
+        X = X.mT
+    # Frobenius norm >= spectral norm: every singular value <= 1
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    addmm = torch.addmm if X.dim() == 2 else torch.baddbmm
     for _ in range(steps):
-        A = X @ X.T  # (rows, rows)
-        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = torch.addmm(X, B, X, beta=a)  # a X + B X: each singular value s -> a s + b s^3 + c s^5
-    return X.T if tall else X
+        A = X @ X.mT  # (..., rows, rows)
+        B = addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = addmm(X, B, X, beta=a)  # a X + B X: each singular value s -> a s + b s^3 + c s^5
+    return X.mT if tall else X
 
 
 def muon_ns_dtype(name: str, device_type: str, capability: tuple[int, int] | None = None) -> torch.dtype:
@@ -1725,13 +1733,18 @@ class Muon(torch.optim.Optimizer):
         buf = momentum * buf + (1 - momentum) * grad
         g = grad + momentum * (buf - grad)        (Nesterov)
         W = W * (1 - lr * weight_decay) - lr * sqrt(max(1, rows / cols)) * orthogonalize(g)
+
+    ``stack=True`` orthogonalizes all matrices of one shape together (one batched Newton-Schulz),
+    which a GPU needs: one at a time, a small model's step launches hundreds of tiny kernels.
+    The arithmetic is the same; batched products may round differently in the last bit.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
-                 nesterov: bool = True, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16):
+                 nesterov: bool = True, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16,
+                 stack: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                                       ns_steps=ns_steps))
-        self.ns_dtype = ns_dtype
+        self.ns_dtype, self.stack = ns_dtype, stack
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
@@ -1746,19 +1759,34 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - mom)
-                g = p.grad.lerp(buf, mom) if group["nesterov"] else buf
-                update = orthogonalize(g, group["ns_steps"], self.ns_dtype)
-                p.mul_(1 - lr * wd)
-                p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, p.size(0) / p.size(1))))
+            params = [p for p in group["params"] if p.grad is not None]
+            for idx in self._batches(params):
+                ps = [params[i] for i in idx]
+                for p in ps:
+                    if not self.state[p]:
+                        self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                grads = [p.grad for p in ps]
+                bufs = [self.state[p]["momentum_buffer"] for p in ps]
+                # _foreach_ ops: one launch for the whole batch on a GPU, a plain loop on a CPU
+                torch._foreach_lerp_(bufs, grads, 1 - mom)
+                gs = torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs
+                G = torch.stack(gs) if self.stack else gs[0]  # (k, rows, cols) or (rows, cols)
+                update = orthogonalize(G, group["ns_steps"], self.ns_dtype).to(ps[0].dtype)
+                rows, cols = ps[0].shape
+                torch._foreach_mul_(ps, 1 - lr * wd)
+                torch._foreach_add_(ps, list(update.unbind(0)) if self.stack else [update],
+                                    alpha=-lr * math.sqrt(max(1.0, rows / cols)))
         return loss
+
+    def _batches(self, params: list[torch.Tensor]) -> list[list[int]]:
+        """Indices of the matrices orthogonalized together: one list per shape and dtype when
+        stacking, else one per matrix."""
+        if not self.stack:
+            return [[i] for i in range(len(params))]
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(i)
+        return list(groups.values())
 
 
 class CombinedOptimizer:
@@ -1817,6 +1845,7 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "
     above, for the embeddings, head, norms and biases, at ``learning_rate``. ``fused`` (default:
     on for "cuda" and "cpu") updates every AdamW tensor in one kernel instead of a few per
     tensor; a PyTorch without the fused kernel for the device gets the ordinary one.
+    ``cfg.muon_stack`` "auto" stacks Muon's same-shape matrices on "cuda" only (see ``Muon``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     muon_ids = set()
@@ -1855,7 +1884,8 @@ def configure_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str = "
     muon = Muon([{"params": [p for p in params if id(p) in muon_ids],
                   "lr_scale": cfg.muon_lr / cfg.learning_rate}],
                 lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                ns_dtype=muon_ns_dtype(cfg.muon_ns_dtype, device_type))
+                ns_dtype=muon_ns_dtype(cfg.muon_ns_dtype, device_type),
+                stack=cfg.muon_stack == "on" or (cfg.muon_stack == "auto" and device_type == "cuda"))
     return CombinedOptimizer(adamw=adamw, muon=muon)
 
 
@@ -2037,7 +2067,8 @@ def _write_payload(payload: dict, targets: Sequence[Path]):
 # (max_steps: a longer or shorter schedule, on purpose), or only say where and how to run and save.
 # batch_size and grad_accum_steps may change too while their product stays (load_checkpoint).
 RESUMABLE_CHANGES = ("max_steps", "out_dir", "device", "compile", "patience", "max_bad_steps", "eval_interval",
-                     "eval_batch_size", "best_weights_only", "last_every_s", "background_checkpoints", "loss_chunk")
+                     "eval_batch_size", "best_weights_only", "last_every_s", "background_checkpoints", "loss_chunk",
+                     "muon_stack")
 
 
 def _config_mismatch(saved: dict, current: dict, cls=None, allowed: Sequence[str] = ("dropout",)) -> list[str]:

@@ -14,7 +14,9 @@ the projection's sweep (``bench/project_gpu.py``, BENCHMARKS.md section 8) and w
 
 ``--compiled MB:CHUNK,...`` adds ``torch.compile`` rows at those micro-batches, with the fused head
 + loss in chunks of CHUNK rows (0: the plain head). Their compile time is reported apart and not
-counted in tokens/s.
+counted in tokens/s. Every row runs Muon as ``configure_optimizer`` sets it for the device (on a
+GPU: same-shape matrices stacked, ``TrainConfig.muon_stack``); ``--unstacked MB,MB:CHUNK,...``
+adds rows with Muon one matrix at a time (``MB``: eager; ``MB:CHUNK``: compiled), to measure it.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ def _pairs(text: str) -> list[tuple[int, int]]:
     for item in (t.strip() for t in text.split(",") if t.strip()):
         mb, _, chunk = item.partition(":")
         out.append((int(mb), int(chunk or 0)))
+    return out
+
+
+def _pairs_or_eager(text: str) -> list[tuple[int, int | None]]:
+    """'128,128:4096' -> [(128, None), (128, 4096)]: a bare size is an eager row, MB:CHUNK a compiled one."""
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        mb, sep, chunk = item.partition(":")
+        out.append((int(mb), int(chunk or 0) if sep else None))
     return out
 
 
@@ -76,10 +87,11 @@ def make_step(preset: str, micro_batch: int, windows: int, device: torch.device,
 
 
 def measure_row(preset: str, micro_batch: int, windows: int, device: torch.device, data_dir, *, compile: bool,
-                loss_chunk: int, warmup: int, steps: int, tiny: bool, peak_tflops: float) -> dict:
+                loss_chunk: int, warmup: int, steps: int, tiny: bool, peak_tflops: float, **overrides) -> dict:
     """Time ``steps`` optimizer steps of ``windows`` windows cut into micro-batches of ``micro_batch``."""
-    step, model, _, tcfg = make_step(preset, micro_batch, windows, device, data_dir, compile=compile,
-                                     loss_chunk=loss_chunk, tiny=tiny)
+    step, model, opt, tcfg = make_step(preset, micro_batch, windows, device, data_dir, compile=compile,
+                                       loss_chunk=loss_chunk, tiny=tiny, **overrides)
+    muon = getattr(opt, "optimizers", {}).get("muon")
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -95,20 +107,22 @@ def measure_row(preset: str, micro_batch: int, windows: int, device: torch.devic
     fpt = common.flops_per_token(model, tcfg.block_size)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"micro_batch": micro_batch, "grad_accum_steps": tcfg.grad_accum_steps, "compiled": compile,
-            "loss_chunk": loss_chunk, "dtype": str(S._resolve_dtype(tcfg, device)).replace("torch.", ""), "optimizer": tcfg.optimizer, "tokens_per_step": tokens,
+            "loss_chunk": loss_chunk, "dtype": str(S._resolve_dtype(tcfg, device)).replace("torch.", ""),
+            "optimizer": tcfg.optimizer, "muon_stacked": bool(muon and muon.stack), "tokens_per_step": tokens,
             "tokens_per_s": rate, "step_ms": st["median_s"] * 1e3, "step_ms_q1": st["q1_s"] * 1e3,
             "step_ms_q3": st["q3_s"] * 1e3, "timed_steps": st["n"], "warmup_s": warmup_s,
             "mfu": rate * fpt / (peak_tflops * 1e12), "peak_allocated_gib": peak_gib}
 
 
 def markdown(res: dict) -> str:
-    lines = ["| micro-batch x accumulation | mode | head + loss | tok/s | step ms (q1-q3) | MFU | peak GiB allocated |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| micro-batch x accumulation | mode | head + loss | Muon | tok/s | step ms (q1-q3) | MFU | "
+             "peak GiB allocated |", "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         head = f"fused, {r['loss_chunk']:,}-row chunks" if r["loss_chunk"] else "plain"
         peak = f"{r['peak_allocated_gib']:.1f}" if r["peak_allocated_gib"] is not None else "n/a"
+        muon = ("stacked" if r.get("muon_stacked") else "one matrix at a time") if r["optimizer"] == "muon" else "-"
         lines.append(f"| {r['micro_batch']} x {r['grad_accum_steps']} | {'compiled' if r['compiled'] else 'eager'} | "
-                     f"{head} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} ({r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}) | "
+                     f"{head} | {muon} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} ({r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}) | "
                      f"{r['mfu']:.1%} | {peak} |")
     return "\n".join(lines)
 
@@ -120,6 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="t4")
     p.add_argument("--micro-batches", type=_ints, default=[16, 32, 64, 128], help="eager rows, e.g. 16,32,64,128")
     p.add_argument("--compiled", type=_pairs, default=[], help="compiled rows as MB:CHUNK, e.g. 64:0,128:4096")
+    p.add_argument("--unstacked", type=_pairs_or_eager, default=[],
+                   help="rows with Muon one matrix at a time: MB (eager) or MB:CHUNK (compiled), e.g. 128,128:4096")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps per row")
     p.add_argument("--steps", type=int, default=6, help="timed optimizer steps per row")
     p.add_argument("--tiny", action="store_true", help="a 1-layer, 32-wide model: checks the script, measures nothing")
@@ -132,14 +148,17 @@ def main(argv=None) -> int:
     rows = []
     try:
         S.prepare_data("shakespeare", data_dir)
-        plan = [(mb, False, tcfg.loss_chunk) for mb in args.micro_batches] + \
-               [(mb, True, chunk) for mb, chunk in args.compiled]
-        for mb, comp, chunk in plan:
+        plan = [(mb, False, tcfg.loss_chunk, {}) for mb in args.micro_batches] + \
+               [(mb, True, chunk, {}) for mb, chunk in args.compiled] + \
+               [(mb, chunk is not None, chunk or 0, {"muon_stack": "off"}) for mb, chunk in args.unstacked]
+        for mb, comp, chunk, overrides in plan:
             rows.append(measure_row(args.preset, mb, windows, device, data_dir, compile=comp, loss_chunk=chunk,
-                                    warmup=args.warmup, steps=args.steps, tiny=args.tiny, peak_tflops=peak["tflops"]))
+                                    warmup=args.warmup, steps=args.steps, tiny=args.tiny, peak_tflops=peak["tflops"],
+                                    **overrides))
             r = rows[-1]
             common.log(f"[microbatch] {mb} x {r['grad_accum_steps']}, {'compiled' if comp else 'eager'}, "
-                       f"loss_chunk {chunk}: {r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.1%}, "
+                       f"loss_chunk {chunk}, Muon {'stacked' if r['muon_stacked'] else 'unstacked'}: "
+                       f"{r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.1%}, "
                        f"warm-up {r['warmup_s']:.1f} s, peak {r['peak_allocated_gib'] or 0:.1f} GiB")
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)

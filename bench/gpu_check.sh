@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check on one CUDA GPU; every figure lands as JSON in OUTDIR. Each step below has a time
-# limit; all of them add up to 1,230 s, so on a machine lent with a 10-minute limit per command
+# limit; all of them add up to 1,260 s, so on a machine lent with a 10-minute limit per command
 # run it in two parts (GPU_CHECK_STEPS, below; BENCHMARKS.md section 5 gives the two calls).
 #
 #   bash bench/gpu_check.sh OUTDIR
-#   GPU_CHECK_STEPS=tests,train,fused,decode,sweep bash bench/gpu_check.sh OUTDIR   # part A, at most 490 s
+#   GPU_CHECK_STEPS=tests,train,fused,decode,sweep bash bench/gpu_check.sh OUTDIR   # part A, at most 520 s
 #   GPU_CHECK_STEPS=profile bash bench/gpu_check.sh OUTDIR                           # at most 180 s, a call of its own
 #   GPU_CHECK_STEPS=ttl,seed,notebook bash bench/gpu_check.sh OUTDIR            # part B, at most 560 s
 #
@@ -25,7 +25,9 @@
 #          (bench/bench_decode.py). -> OUTDIR/decode.json
 # sweep    The "t4" preset itself (Llama blocks, Muon, bf16) at 128 windows per optimizer step cut
 #          into micro-batches of 16, 32, 64 and 128, eager, and 128 x 1 compiled with the fused head +
-#          loss: tokens/s, MFU and peak memory (bench/bench_microbatch.py). -> OUTDIR/microbatch.json
+#          loss: tokens/s, MFU and peak memory (bench/bench_microbatch.py). Muon stacks same-shape
+#          matrices, its GPU default; 128 x 1 eager and compiled run again with Muon one matrix at a
+#          time, to measure that lever. -> OUTDIR/microbatch.json
 # profile  Where a step's time goes: GPU kernel time against wall time, kernel launches, and the
 #          optimizer's share, eager and compiled, for the "t4" preset at 64 x 2 and for the GPT-2 +
 #          AdamW recipe (bench/profile_step.py). -> OUTDIR/profile{,_gpt2}.json
@@ -85,7 +87,7 @@ if [ "${SLM_GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   NB_ARGS=(--preset cpu --max-steps 4)
   FUSED_ARGS=(--device cpu --rows 256 --width 32 --chunks 0,64 --reps 1)
   DECODE_ARGS=(--device cpu --new 8 --repeats 1 --block-sizes 128)
-  SWEEP_ARGS=(--device cpu --tiny --micro-batches 64,128 --warmup 1 --steps 1)
+  SWEEP_ARGS=(--device cpu --tiny --micro-batches 64,128 --unstacked 128 --warmup 1 --steps 1)
   PROFILE_ARGS=(--device cpu --tiny --modes eager --warmup 1 --steps 1)
 else
   "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: bench/gpu_check.sh needs a GPU')"
@@ -98,7 +100,8 @@ else
   NB_ARGS=(--preset t4 --max-steps 300)
   FUSED_ARGS=(--device cuda --rows 8192 --chunks 0,1024,2048,4096,8192)
   DECODE_ARGS=(--device cuda --new 512 --repeats 3)
-  SWEEP_ARGS=(--device cuda --micro-batches 16,32,64,128 --compiled 128:4096 --warmup 3 --steps 6)
+  SWEEP_ARGS=(--device cuda --micro-batches 16,32,64,128 --compiled 128:4096 --unstacked 128,128:4096
+              --warmup 3 --steps 6)
   PROFILE_ARGS=(--device cuda --modes eager,compiled --warmup 3 --steps 5)
 fi
 
@@ -130,7 +133,7 @@ if want decode; then
     "$PY" bench/bench_decode.py --out "$OUT/decode.json" "${DECODE_ARGS[@]}"
 fi
 if want sweep; then
-  step "micro-batch sweep of the t4 preset" 90 "$OUT/microbatch.log" \
+  step "micro-batch sweep of the t4 preset" 120 "$OUT/microbatch.log" \
     "$PY" bench/bench_microbatch.py --out "$OUT/microbatch.json" "${SWEEP_ARGS[@]}"
 fi
 if want profile; then
@@ -210,7 +213,8 @@ if decode:
 sweep = load("microbatch.json")
 if sweep:
     summary["microbatch"] = [{k: r[k] for k in ("micro_batch", "grad_accum_steps", "compiled", "loss_chunk",
-                                                "tokens_per_s", "mfu", "peak_allocated_gib")} for r in sweep["rows"]]
+                                                "muon_stacked", "tokens_per_s", "mfu", "peak_allocated_gib")}
+                             for r in sweep["rows"]]
 for key in ("profile", "profile_gpt2"):
     prof = load(key + ".json")
     if prof:

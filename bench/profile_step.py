@@ -123,6 +123,7 @@ def profile_mode(args, device, data_dir, compiled: bool) -> dict:
     tokens = args.windows * tcfg.block_size
     return {"mode": "compiled" if compiled else "eager", "micro_batch": args.micro_batch,
             "grad_accum_steps": tcfg.grad_accum_steps, "loss_chunk": args.loss_chunk, "optimizer": tcfg.optimizer,
+            "muon_stacked": bool(getattr(opt, "optimizers", {}).get("muon") and opt.optimizers["muon"].stack),
             "warmup_s": warmup_s, "steps": n, "wall_ms": wall_ms, "tokens_per_s": tokens / (wall_ms / 1e3),
             "wall_ms_unprofiled": 1e3 * sum(plain) / n,
             "kernel_ms": kernel_us / 1e3 / n, "copy_ms": copy_us / 1e3 / n,

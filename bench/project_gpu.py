@@ -1156,6 +1156,7 @@ def _variant_row(mcfg, tcfg, chips: list[str], factors: tuple[float, float] | No
         for mode in ("eager", "compiled"):
             step = step_cost(trace, tcfg, CHIPS[c], mode)
             rates[c][mode] = tcfg.tokens_per_step / _seconds(step, None)
+            rates[c][mode + "_kernels"] = step["kernels"]
             if factors:
                 rates[c][mode + "_calibrated"] = tcfg.tokens_per_step / _seconds(step, factors)
     return {"batch_size": tcfg.batch_size, "grad_accum_steps": tcfg.grad_accum_steps, **peak_memory(trace),
@@ -1180,10 +1181,10 @@ def micro_batch_sweep(name: str, batches: list[int], chips: list[str],
     return {"preset": name, "windows_per_step": windows, "tokens_per_step": windows * tcfg.block_size, "rows": rows}
 
 
-def fused_loss_levers(name: str, batches: list[int], chunks: list[int], chips: list[str],
-                      factors: tuple[float, float] | None = None) -> dict:
-    """The preset with the plain head + loss (chunk 0) and the fused one at each chunk size, at each
-    micro-batch size (tokens per optimizer step fixed): traced peak memory and tok/s."""
+def lever_rows(name: str, batches: list[int], field: str, values: list, chips: list[str],
+               factors: tuple[float, float] | None = None) -> dict:
+    """The preset with the TrainConfig ``field`` at each of ``values``, at each micro-batch size
+    (tokens per optimizer step fixed): traced peak memory and tok/s, one row per pair."""
     import dataclasses
 
     S = _slm()
@@ -1191,10 +1192,22 @@ def fused_loss_levers(name: str, batches: list[int], chunks: list[int], chips: l
     windows = tcfg.batch_size * tcfg.grad_accum_steps
     rows = []
     for B in batches:
-        for chunk in chunks:
-            cfg = dataclasses.replace(tcfg, batch_size=B, grad_accum_steps=windows // B, loss_chunk=chunk)
-            rows.append({**_variant_row(mcfg, cfg, chips, factors), "loss_chunk": chunk})
-    return {"preset": name, "rows": rows}
+        for value in values:
+            cfg = dataclasses.replace(tcfg, batch_size=B, grad_accum_steps=windows // B, **{field: value})
+            rows.append({**_variant_row(mcfg, cfg, chips, factors), field: value})
+    return {"preset": name, "field": field, "rows": rows}
+
+
+def fused_loss_levers(name: str, batches: list[int], chunks: list[int], chips: list[str],
+                      factors: tuple[float, float] | None = None) -> dict:
+    """The preset with the plain head + loss (chunk 0) and the fused one at each chunk size."""
+    return lever_rows(name, batches, "loss_chunk", chunks, chips, factors)
+
+
+def muon_stack_levers(name: str, batches: list[int], chips: list[str],
+                      factors: tuple[float, float] | None = None) -> dict:
+    """The preset's Muon one matrix at a time ("off") and stacked by shape ("on", a GPU's default)."""
+    return lever_rows(name, batches, "muon_stack", ["off", "on"], chips, factors)
 
 
 # What BENCHMARKS.md recorded on an H100 80GB HBM3 (sections 2 and 5, 2026-11-26, two runs each).
@@ -1287,10 +1300,13 @@ def gpu_run_checks(run_dir: str | Path) -> dict:
     # the "t4" preset itself: Llama blocks, Muon, 128 windows per optimizer step
     pm, pt = S.preset(sweep["preset"])
     for r in sweep["rows"]:
+        # runs before Muon could stack (2026-11-29) have no "muon_stacked": one matrix at a time
+        stacked = r.get("muon_stacked", False)
         cfg = dataclasses.replace(pt, batch_size=r["micro_batch"], grad_accum_steps=r["grad_accum_steps"],
-                                  loss_chunk=r["loss_chunk"])
+                                  loss_chunk=r["loss_chunk"], muon_stack="on" if stacked else "off")
         mode = "compiled" if r["compiled"] else "eager"
         head = f", fused head + loss ({r['loss_chunk']:,}-row chunks)" if r["loss_chunk"] else ""
+        head += ", Muon stacked" if stacked else ""
         add(f"'{sweep['preset']}' preset, {r['micro_batch']} x {r['grad_accum_steps']}, {mode}{head}",
             r["tokens_per_s"], cfg.tokens_per_step, step_cost(trace_train_step(pm, cfg), cfg, chip, mode))
     for r in decode["rows"]:
@@ -1353,6 +1369,14 @@ def _fmt_min(seconds: float) -> str:
     return f"{seconds / 60:,.1f}"
 
 
+def _rate_cell(v: dict, calibrated: bool) -> str:
+    """'eager / compiled' tok/s of a variant row, with the calibrated pair in brackets."""
+    cell = f"{v['eager']:,.0f} / {v['compiled']:,.0f}"
+    if calibrated:
+        cell += f" ({v['eager_calibrated']:,.0f} / {v['compiled_calibrated']:,.0f})"
+    return cell
+
+
 def _print_tables(presets: dict, runs: dict, chips: list[str]):
     for name in presets:
         run = runs[name]
@@ -1398,6 +1422,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="micro-batch sizes of the 't4' sweep (tokens per step fixed); none to skip")
     parser.add_argument("--fused-loss", nargs="*", type=int, default=[1024, 4096],
                         help="chunk sizes of the fused head + loss to price against the plain one; none to skip")
+    parser.add_argument("--muon-stack", nargs="*", type=int, default=[64, 128],
+                        help="micro-batch sizes at which to price the 't4' preset's Muon stacked and not; none to skip")
     parser.add_argument("--no-calibration", action="store_true",
                         help="skip the H100 check and the calibration fitted on it")
     parser.add_argument("--validate", nargs="*", default=[], metavar="RUN_DIR",
@@ -1457,13 +1483,7 @@ def main(argv: list[str] | None = None) -> dict:
             fit = "yes" if fits(r["peak_gib"], CHIPS["T4"]) else "NO"
             if fit == "yes" and r["peak_gib"] > CHIPS["T4"]["usable_gib"] - 1.0:
                 fit = "yes, < 1 GiB to spare"
-            cells = []
-            for c in shown:
-                v = r["tok_s"][c]
-                cell = f"{v['eager']:,.0f} / {v['compiled']:,.0f}"
-                if factors:
-                    cell += f" ({v['eager_calibrated']:,.0f} / {v['compiled_calibrated']:,.0f})"
-                cells.append(cell)
+            cells = [_rate_cell(r["tok_s"][c], calibrated=bool(factors)) for c in shown]
             print(f"| {r['batch_size']} x {r['grad_accum_steps']} | {r['peak_gib']:.1f} | "
                   f"{r['saved_activations_gib']:.1f} | {fit} | " + " | ".join(cells) + " |")
 
@@ -1482,6 +1502,24 @@ def main(argv: list[str] | None = None) -> dict:
             cells = [f"{r['tok_s'][c]['eager']:,.0f} / {r['tok_s'][c]['compiled']:,.0f}" for c in shown]
             print(f"| {r['batch_size']} x {r['grad_accum_steps']} | {r['loss_chunk'] or 'plain'} | "
                   f"{r['peak_gib']:.1f} | {'yes' if fits(r['peak_gib'], CHIPS['T4']) else 'NO'} | "
+                  + " | ".join(cells) + " |")
+
+    if args.muon_stack:
+        t = time.perf_counter()
+        stack = muon_stack_levers("t4", args.muon_stack, chips, factors)
+        result["muon_stack"] = stack
+        print(f"traced Muon stacked and not in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        shown = [c for c in ("T4", "H100") if c in chips]
+        suffix = " (calibrated)" if factors else ""
+        print("\n### Muon one matrix at a time ('off') or stacked by shape ('on', the default on a GPU), "
+              "preset 't4'\n")
+        print(f"| micro-batch x accumulation | muon_stack | {shown[-1]} kernels per step, eager / compiled | "
+              + " | ".join(f"{c} tok/s eager / compiled{suffix}" for c in shown) + " |")
+        print("|---|---|---|" + "---|" * len(shown))
+        for r in stack["rows"]:
+            cells = [_rate_cell(r["tok_s"][c], calibrated=bool(factors)) for c in shown]
+            print(f"| {r['batch_size']} x {r['grad_accum_steps']} | {r['muon_stack']} | "
+                  f"{r['tok_s'][shown[-1]]['eager_kernels']:,} / {r['tok_s'][shown[-1]]['compiled_kernels']:,} | "
                   + " | ".join(cells) + " |")
 
     if factors:

@@ -256,6 +256,64 @@ def test_muon_with_no_block_matrices_is_refused():
         s.Muon([torch.nn.Parameter(torch.zeros(3))])
 
 
+def test_orthogonalize_on_a_stack_equals_each_matrix_on_its_own():
+    torch.manual_seed(0)
+    for shape in [(24, 64), (64, 24)]:  # wide, and tall (worked on transposed)
+        G = torch.randn(3, *shape)
+        stacked = s.orthogonalize(G, dtype=torch.float32)
+        assert stacked.shape == G.shape
+        for i in range(3):
+            torch.testing.assert_close(stacked[i], s.orthogonalize(G[i], dtype=torch.float32), atol=1e-5, rtol=1e-5)
+    # a zero matrix beside others stays zero and leaves its neighbours alone: each has its own norm
+    G = torch.stack([torch.zeros(8, 8), torch.randn(8, 8) * 100, torch.randn(8, 8) * 0.01])
+    out = s.orthogonalize(G, dtype=torch.float32)
+    assert torch.equal(out[0], torch.zeros(8, 8))
+    for i in (1, 2):
+        torch.testing.assert_close(out[i], s.orthogonalize(G[i], dtype=torch.float32), atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_muon_trains_as_muon_one_matrix_at_a_time(tiny_config):
+    """Stacking is a speed option: the same updates, up to the rounding of batched products."""
+    cfg = dataclasses.replace(tiny_config, tie_weights=False)
+    runs = {}
+    for stack in ("off", "on"):
+        torch.manual_seed(0)
+        model = s.GPT(cfg)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        opt = s.configure_optimizer(model, s.TrainConfig(optimizer="muon", muon_stack=stack, max_steps=10,
+                                                         warmup_steps=1))
+        muon = opt.optimizers["muon"]
+        assert muon.stack == (stack == "on")
+        params = [p for g in muon.param_groups for p in g["params"]]
+        batches = muon._batches(params)
+        if stack == "on":  # one batch per shape: attention in, attention out, MLP in, MLP out
+            assert sorted(len(b) for b in batches) == [2, 2, 2, 2]
+            assert all(len({params[i].shape for i in b}) == 1 for b in batches)
+        else:
+            assert len(batches) == len(params) == 8
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randint(0, cfg.vocab_size, (2, cfg.block_size), generator=gen)
+            _, loss = model(x, x)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        runs[stack] = model.state_dict()
+    for k, v in runs["off"].items():
+        torch.testing.assert_close(runs["on"][k], v, atol=1e-5, rtol=1e-4)
+    moved = [k for k, v in runs["on"].items() if ".h." in k and v.dim() == 2 and not torch.equal(v, start[k])]
+    assert len(moved) == 8  # every Muon matrix took its steps
+
+
+def test_muon_stacks_by_default_on_a_gpu_only(tiny_config):
+    model = s.GPT(dataclasses.replace(tiny_config, tie_weights=False))
+    stacked = lambda stack, device: s.configure_optimizer(  # noqa: E731
+        model, s.TrainConfig(optimizer="muon", muon_stack=stack, muon_ns_dtype="float32"),
+        device, fused=False).optimizers["muon"].stack
+    assert not stacked("auto", "cpu") and stacked("auto", "cuda")
+    assert stacked("on", "cpu") and not stacked("off", "cuda")
+
+
 def test_muon_ns_dtype_by_device():
     assert s.muon_ns_dtype("auto", "cuda", (7, 5)) == torch.float16  # a T4: bf16 is only emulated
     assert s.muon_ns_dtype("auto", "cuda", (9, 0)) == torch.bfloat16
@@ -322,6 +380,7 @@ def test_curriculum_keeps_tokens_per_step_and_doubles_the_window():
     (dict(muon_lr=0.0), r"muon_lr=0.0"),
     (dict(embedding_lr=-1.0), r"embedding_lr=-1.0"),
     (dict(muon_ns_dtype="float8"), r"muon_ns_dtype='float8'"),
+    (dict(muon_stack="yes"), r"muon_stack='yes' must be 'auto', 'on' or 'off'"),
 ])
 def test_bad_training_options_are_refused(kwargs, message):
     with pytest.raises(s.ConfigError, match=message):

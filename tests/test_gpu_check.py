@@ -63,6 +63,7 @@ def test_the_micro_batch_sweep_refuses_a_size_that_does_not_divide_the_step(tmp_
     import bench_microbatch
 
     assert bench_microbatch._pairs("64:0, 128:4096,32") == [(64, 0), (128, 4096), (32, 0)]
+    assert bench_microbatch._pairs_or_eager("128, 128:4096,64:0") == [(128, None), (128, 4096), (64, 0)]
     with pytest.raises(SystemExit, match="48 does not divide the 128 windows"):
         bench_microbatch.measure_row("t4", 48, 128, None, tmp_path, compile=False, loss_chunk=0, warmup=0, steps=1,
                                      tiny=True, peak_tflops=1.0)

@@ -195,6 +195,24 @@ def test_fused_head_and_loss_keeps_the_flops_and_cuts_the_peak():
     assert puts and all(op.bytes < 64 * 1024 for op in puts)  # 64 rows' targets, not 64 x 50,304 logits
 
 
+def _optimizer_kernels(trace) -> int:
+    return sum(op.launches for op in trace.ops if op.region == "optimizer" and op.kind not in ("view", "alloc"))
+
+
+def test_stacked_muon_does_the_same_work_in_fewer_kernels():
+    """muon_stack 'on' (a GPU's default): the same optimizer FLOPs in far fewer launches."""
+    mcfg = small_config()
+    off, on, auto = (pg.trace_train_step(mcfg, small_train_config(optimizer="muon", muon_stack=stack))
+                     for stack in ("off", "on", "auto"))
+    assert on.flops(("optimizer",)) == pytest.approx(off.flops(("optimizer",)), rel=1e-9)
+    assert on.flops(("optimizer",)) > 0
+    assert _optimizer_kernels(on) < 0.6 * _optimizer_kernels(off)  # 8 matrices in 4 shapes (175 -> 95)
+    assert _optimizer_kernels(auto) == _optimizer_kernels(on)  # the trace prices a CUDA device
+    chip = pg.CHIPS["H100"]
+    tcfg = small_train_config(optimizer="muon")
+    assert pg.step_cost(on, tcfg, chip, "eager")["cpu_s"] < pg.step_cost(off, tcfg, chip, "eager")["cpu_s"]
+
+
 H200_RUN = ROOT / "bench" / "gpu_runs" / "2026-11-29-h200"
 
 
@@ -212,6 +230,19 @@ def test_a_recorded_gpu_run_is_priced_figure_by_figure_on_its_own_chip():
         assert c["gpu_s"] > 0 and c["cpu_s"] > 0, c["what"]
     rows = pg.validation_rows(run["checks"], (1.0, 1.0))
     assert all(r["calibrated"] == pytest.approx(r["projected"]) for r in rows)  # factors of 1 change nothing
+
+
+def test_a_recorded_sweep_row_is_priced_with_the_muon_it_ran(tmp_path):
+    """Rows of runs before Muon could stack carry no 'muon_stacked' and ran one matrix at a time."""
+    for name in ("train.json", "decode.json"):
+        (tmp_path / name).write_text((H200_RUN / name).read_text())
+    sweep = json.loads((H200_RUN / "microbatch.json").read_text())
+    row = next(r for r in sweep["rows"] if r["micro_batch"] == 128 and not r["compiled"])
+    sweep["rows"] = [row, {**row, "muon_stacked": True}]
+    (tmp_path / "microbatch.json").write_text(json.dumps(sweep))
+    checks = {c["what"]: c for c in pg.gpu_run_checks(tmp_path)["checks"]}
+    old, new = checks["'t4' preset, 128 x 1, eager"], checks["'t4' preset, 128 x 1, eager, Muon stacked"]
+    assert new["cpu_s"] < old["cpu_s"]
 
 
 def test_a_run_on_a_gpu_the_projection_does_not_know_is_refused(tmp_path):
