@@ -41,8 +41,8 @@ on an H100 and recorded in BENCHMARKS.md.
     python bench/project_gpu.py [--presets seed t4 cpu] [--chips T4 L4 A100 H100]
                                 [--out bench/projection.json] [--measured-tok-s CHIP=VALUE ...]
 
-The notebook side needs neither torch nor a trace: ``expected_time(preset, gpu_name)`` reads the
-JSON this script wrote. Importing this module imports nothing heavier than json and pathlib.
+The notebook side needs neither torch nor a trace: ``expected_time(preset, gpu_name, split=...)``
+reads the JSON this script wrote. Importing this module imports nothing heavier than json and pathlib.
 """
 
 from __future__ import annotations
@@ -338,15 +338,19 @@ def _scaled_run(run: dict, max_steps: int) -> dict:
 
 
 def expected_time(preset_name: str, gpu_name: str, path: str | Path | None = None,
-                  max_steps: int | None = None) -> dict | None:
+                  max_steps: int | None = None, split: tuple[int, int] | None = None) -> dict | None:
     """The projected time of a preset's run on the GPU named ``gpu_name``, or None.
 
     ``gpu_name`` is what ``torch.cuda.get_device_name()`` returns ("Tesla T4", "NVIDIA L4",
     "NVIDIA A100-SXM4-40GB", "NVIDIA H100 80GB HBM3", "NVIDIA H200"). ``max_steps`` gives the
     time of a shortened run (``slm_utils.scale_schedule``: the same number of evaluations, on
-    fewer tokens). Returns None for a GPU not in the table, a preset not projected, or a missing
-    ``projection.json``. The dict holds ``chip``, ``eager`` and ``compiled`` (each with
-    ``tok_s``, ``train_s``, ``eval_s``, ``ckpt_s``, ``total_s``...) and a one-line ``summary``.
+    fewer tokens). ``split`` is the run's (batch_size, grad_accum_steps) when it is not the
+    preset's (``slm_utils.device_batch`` regroups on a large GPU): its training step is then priced
+    from the projection's micro-batch sweep, which holds the "t4" preset; a split the sweep lacks
+    keeps the preset's figures, and ``split_note`` says so. Returns None for a GPU not in the
+    table, a preset not projected, or a missing ``projection.json``. The dict holds ``chip``,
+    ``split``, ``eager`` and ``compiled`` (each with ``tok_s``, ``train_s``, ``eval_s``,
+    ``ckpt_s``, ``total_s``...) and a one-line ``summary``.
     """
     chip = chip_for_device_name(gpu_name)
     if chip is None:
@@ -359,26 +363,56 @@ def expected_time(preset_name: str, gpu_name: str, path: str | Path | None = Non
     run = data.get("runs", {}).get(preset_name)
     if not entry or not run:
         return None
+    preset_split = (run["batch_size"], run["grad_accum_steps"])
+    row, note = None, None
+    if split is not None and tuple(split) != preset_split:
+        sweep = data.get("sweep") or {}
+        if sweep.get("preset") == preset_name:
+            row = next((r for r in sweep["rows"] if (r["batch_size"], r["grad_accum_steps"]) == tuple(split)
+                        and chip in r["tok_s"]), None)
+        if row is None:
+            note = (f"priced at the preset's {preset_split[0]} x {preset_split[1]} micro-batches; this run's "
+                    f"{split[0]} x {split[1]} is not in the projection's sweep")
     out = {"chip": chip, "gpu_name": gpu_name, "preset": preset_name, "generated": data.get("generated"),
-           "max_steps": max_steps or run["max_steps"]}
-    scaled = _scaled_run(run, max_steps) if max_steps and max_steps != run["max_steps"] else None
+           "max_steps": max_steps or run["max_steps"], "split": tuple(split) if row else preset_split,
+           "split_note": note}
+    schedule = _scaled_run(run, max_steps) if max_steps and max_steps != run["max_steps"] else None
+    if row and schedule is None:  # the preset's own schedule, repriced at another step time
+        schedule = {k: run[k] for k in ("max_steps", "evaluations", "eval_batches")}
     for mode in ("eager", "compiled"):
         e = dict(entry[mode])
-        if scaled:
-            e = _rescale(e, scaled)
+        if row:
+            e = _resplit(e, row["tok_s"][chip][mode], run["tokens_per_step"], row["peak_gib"])
+            if "calibrated" in e and f"{mode}_calibrated" in row["tok_s"][chip]:
+                e["calibrated"] = _resplit(dict(e["calibrated"]), row["tok_s"][chip][f"{mode}_calibrated"],
+                                           run["tokens_per_step"], row["peak_gib"])
+        if schedule:
+            e = _rescale(e, schedule)
             if "calibrated" in e:
-                e["calibrated"] = _rescale(dict(e["calibrated"]), scaled)
+                e["calibrated"] = _rescale(dict(e["calibrated"]), schedule)
         out[mode] = e
 
     def minutes(mode: str) -> str:
         e = out[mode]
         low, high = sorted([e["total_s"] / 60, e.get("calibrated", e)["total_s"] / 60])
+        if high < 0.5:
+            return "<1"  # not "~0"
         return f"~{low:.0f}" if round(low) == round(high) else f"~{low:.0f}-{high:.0f}"
 
+    at = f" at {out['split'][0]} x {out['split'][1]} micro-batches" if row else ""
     out["summary"] = (f"expected {minutes('eager')} min eager, {minutes('compiled')} min compiled (+ compile warm-up) "
-                      f"on {chip} for {out['max_steps']:,} steps of '{preset_name}' (roofline projection in "
+                      f"on {chip} for {out['max_steps']:,} steps of '{preset_name}'{at} (roofline projection in "
                       "bench/projection.json, a priori to H100-calibrated; not a measurement)")
     return out
+
+
+def _resplit(e: dict, tok_s: float, tokens_per_step: int, peak_gib: float) -> dict:
+    """A preset's projected figures with the training step of another micro-batch split."""
+    e["mfu"] = e.get("mfu", 0.0) * tok_s / e["tok_s"]
+    e["tok_s"], e["step_ms"] = tok_s, 1e3 * tokens_per_step / tok_s
+    if "peak_gib" in e:
+        e["peak_gib"] = peak_gib
+    return e
 
 
 def _rescale(e: dict, s: dict) -> dict:

@@ -148,6 +148,34 @@ def test_expected_time_reads_what_main_wrote(tmp_path):
     assert shorter["eager"]["train_s"] == pytest.approx(got["eager"]["train_s"] / 2)
 
 
+def test_expected_time_prices_a_regrouped_split_from_the_sweep(tmp_path):
+    """On a large GPU the notebook runs the "t4" preset as 128 x 1 (device_batch): its estimate
+    takes that split's step from the sweep; a split the sweep lacks keeps the preset's, and says so."""
+    out = tmp_path / "projection.json"
+    pg.main(["--presets", "t4", "--chips", "H100", "--sweep", "128", "--no-calibration", "--fused-loss",
+             "--muon-stack", "--out", str(out)])
+    data = json.loads(out.read_text())
+    row = data["sweep"]["rows"][0]
+    assert (row["batch_size"], row["grad_accum_steps"]) == (128, 1)
+    gpu = "NVIDIA H100 80GB HBM3"
+    preset = pg.expected_time("t4", gpu, path=out)
+    assert preset == pg.expected_time("t4", gpu, path=out, split=(64, 2))  # the preset's own split
+    regrouped = pg.expected_time("t4", gpu, path=out, split=(128, 1))
+    assert regrouped["split"] == (128, 1) and regrouped["split_note"] is None and "128 x 1" in regrouped["summary"]
+    for mode in ("eager", "compiled"):
+        e, p = regrouped[mode], preset[mode]
+        assert e["tok_s"] == row["tok_s"]["H100"][mode]
+        assert e["train_s"] == pytest.approx(p["train_s"] * p["tok_s"] / e["tok_s"])
+        assert e["eval_s"] == pytest.approx(p["eval_s"]) and e["ckpt_s"] == pytest.approx(p["ckpt_s"])
+        assert e["total_s"] == pytest.approx(e["train_s"] + e["eval_s"] + e["ckpt_s"])
+    short = pg.expected_time("t4", gpu, path=out, split=(128, 1), max_steps=300)
+    assert short["compiled"]["train_s"] == pytest.approx(regrouped["compiled"]["step_ms"] / 1e3 * 300)
+    assert short["compiled"]["total_s"] < 30 and "<1 min compiled" in short["summary"]  # not "~0 min"
+    missing = pg.expected_time("t4", gpu, path=out, split=(32, 4))
+    assert missing["split"] == (64, 2) and "32 x 4 is not in the projection's sweep" in missing["split_note"]
+    assert missing["eager"] == preset["eager"]
+
+
 def test_shortened_schedule_matches_scale_schedule():
     _, cfg = slm_utils.preset("t4")
     run = {"max_steps": cfg.max_steps, "eval_interval": cfg.eval_interval, "eval_tokens": cfg.eval_tokens,
