@@ -1771,7 +1771,10 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_lerp_(bufs, grads, 1 - mom)
                 gs = torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs
                 G = torch.stack(gs) if self.stack else gs[0]  # (k, rows, cols) or (rows, cols)
-                update = orthogonalize(G, group["ns_steps"], self.ns_dtype).to(ps[0].dtype)
+                # one copy into the weights' dtype and layout (a tall matrix comes back transposed):
+                # a GPU's foreach add takes a whole list in one launch only when the strides agree
+                update = orthogonalize(G, group["ns_steps"], self.ns_dtype).to(
+                    ps[0].dtype, memory_format=torch.contiguous_format, copy=True)
                 rows, cols = ps[0].shape
                 torch._foreach_mul_(ps, 1 - lr * wd)
                 torch._foreach_add_(ps, list(update.unbind(0)) if self.stack else [update],

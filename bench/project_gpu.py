@@ -382,10 +382,14 @@ def expected_time(preset_name: str, gpu_name: str, path: str | Path | None = Non
     for mode in ("eager", "compiled"):
         e = dict(entry[mode])
         if row:
-            e = _resplit(e, row["tok_s"][chip][mode], run["tokens_per_step"], row["peak_gib"])
-            if "calibrated" in e and f"{mode}_calibrated" in row["tok_s"][chip]:
-                e["calibrated"] = _resplit(dict(e["calibrated"]), row["tok_s"][chip][f"{mode}_calibrated"],
-                                           run["tokens_per_step"], row["peak_gib"])
+            rates = row["tok_s"][chip]
+            e = _resplit(e, rates[mode], run["tokens_per_step"], row, chip, mode)
+            if "calibrated" in e:
+                if f"{mode}_calibrated" in rates:
+                    e["calibrated"] = _resplit(dict(e["calibrated"]), rates[f"{mode}_calibrated"],
+                                               run["tokens_per_step"], row, chip, mode)
+                else:  # never leave the preset's split priced beside this one
+                    del e["calibrated"]
         if schedule:
             e = _rescale(e, schedule)
             if "calibrated" in e:
@@ -395,8 +399,8 @@ def expected_time(preset_name: str, gpu_name: str, path: str | Path | None = Non
     def minutes(mode: str) -> str:
         e = out[mode]
         low, high = sorted([e["total_s"] / 60, e.get("calibrated", e)["total_s"] / 60])
-        if high < 0.5:
-            return "<1"  # not "~0"
+        if high < 1:
+            return "<1"  # not "~0" or "~0-1"
         return f"~{low:.0f}" if round(low) == round(high) else f"~{low:.0f}-{high:.0f}"
 
     at = f" at {out['split'][0]} x {out['split'][1]} micro-batches" if row else ""
@@ -406,12 +410,17 @@ def expected_time(preset_name: str, gpu_name: str, path: str | Path | None = Non
     return out
 
 
-def _resplit(e: dict, tok_s: float, tokens_per_step: int, peak_gib: float) -> dict:
-    """A preset's projected figures with the training step of another micro-batch split."""
+def _resplit(e: dict, tok_s: float, tokens_per_step: int, row: dict, chip: str, mode: str) -> dict:
+    """A preset's projected figures with the training step of another micro-batch split (a sweep
+    row); the parts of the step the sweep does not keep are dropped rather than left stale."""
     e["mfu"] = e.get("mfu", 0.0) * tok_s / e["tok_s"]
     e["tok_s"], e["step_ms"] = tok_s, 1e3 * tokens_per_step / tok_s
+    for key in ("gpu_ms", "overhead_ms", "host_ms", "tok_s_overlapped"):
+        e.pop(key, None)
     if "peak_gib" in e:
-        e["peak_gib"] = peak_gib
+        e["peak_gib"], e["fits"] = row["peak_gib"], fits(row["peak_gib"], CHIPS[chip])
+    if "kernels_per_step" in e:
+        e["kernels_per_step"] = row["tok_s"][chip].get(f"{mode}_kernels")
     return e
 
 
@@ -1547,13 +1556,14 @@ def main(argv: list[str] | None = None) -> dict:
         suffix = " (calibrated)" if factors else ""
         print("\n### Muon one matrix at a time ('off') or stacked by shape ('on', the default on a GPU), "
               "preset 't4'\n")
-        print(f"| micro-batch x accumulation | muon_stack | {shown[-1]} kernels per step, eager / compiled | "
+        kchip = shown[-1] if shown else chips[0]
+        print(f"| micro-batch x accumulation | muon_stack | {kchip} kernels per step, eager / compiled | "
               + " | ".join(f"{c} tok/s eager / compiled{suffix}" for c in shown) + " |")
         print("|---|---|---|" + "---|" * len(shown))
         for r in stack["rows"]:
             cells = [_rate_cell(r["tok_s"][c], calibrated=bool(factors)) for c in shown]
             print(f"| {r['batch_size']} x {r['grad_accum_steps']} | {r['muon_stack']} | "
-                  f"{r['tok_s'][shown[-1]]['eager_kernels']:,} / {r['tok_s'][shown[-1]]['compiled_kernels']:,} | "
+                  f"{r['tok_s'][kchip]['eager_kernels']:,} / {r['tok_s'][kchip]['compiled_kernels']:,} | "
                   + " | ".join(cells) + " |")
 
     if factors:

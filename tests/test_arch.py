@@ -221,18 +221,28 @@ def test_orthogonalize_pushes_singular_values_towards_one():
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs PyTorch 2.9+")
-def test_muon_matches_torch_muon_in_bfloat16():
+@pytest.mark.parametrize("stack", [False, True])
+def test_muon_matches_torch_muon_in_bfloat16(stack):
+    """Tall, wide and square matrices, two of one shape: one at a time exactly torch.optim.Muon's
+    update; stacked by shape the same to rounding."""
     torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(48, 16))
-    b = torch.nn.Parameter(a.detach().clone())
-    ours = s.Muon([a], lr=0.02, momentum=0.95, weight_decay=0.1, ns_dtype=torch.bfloat16)
-    theirs = torch.optim.Muon([b], lr=0.02, momentum=0.95, weight_decay=0.1)
+    shapes = [(48, 16), (16, 48), (32, 32), (48, 16)]
+    ours_p = [torch.nn.Parameter(torch.randn(*shape)) for shape in shapes]
+    theirs_p = [torch.nn.Parameter(p.detach().clone()) for p in ours_p]
+    ours = s.Muon(ours_p, lr=0.02, momentum=0.95, weight_decay=0.1, ns_dtype=torch.bfloat16, stack=stack)
+    theirs = torch.optim.Muon(theirs_p, lr=0.02, momentum=0.95, weight_decay=0.1)
+    assert len(ours._batches(ours_p)) == (3 if stack else 4)
     for _ in range(3):
-        g = torch.randn(48, 16)
-        a.grad, b.grad = g.clone(), g.clone()
+        for a, b in zip(ours_p, theirs_p):
+            g = torch.randn(a.shape)
+            a.grad, b.grad = g.clone(), g.clone()
         ours.step()
         theirs.step()
-    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for a, b in zip(ours_p, theirs_p):
+        if stack:
+            torch.testing.assert_close(a, b)
+        else:
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_muon_takes_block_matrices_and_adamw_the_rest(tiny_config):
@@ -272,10 +282,19 @@ def test_orthogonalize_on_a_stack_equals_each_matrix_on_its_own():
         torch.testing.assert_close(out[i], s.orthogonalize(G[i], dtype=torch.float32), atol=1e-5, rtol=1e-5)
 
 
-def test_stacked_muon_trains_as_muon_one_matrix_at_a_time(tiny_config):
+def test_stacked_muon_trains_as_muon_one_matrix_at_a_time(tiny_config, monkeypatch):
     """Stacking is a speed option: the same updates, up to the rounding of batched products."""
     cfg = dataclasses.replace(tiny_config, tie_weights=False)
     runs = {}
+    strides = []  # (weight, update) strides: a GPU's foreach add is one launch only when they agree
+    real_add = torch._foreach_add_
+
+    def spy(tensors, others, **kwargs):
+        if isinstance(others, (list, tuple)):  # tensors + tensors (not + a scalar)
+            strides.extend((a.stride(), b.stride()) for a, b in zip(tensors, others))
+        return real_add(tensors, others, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_add_", spy)
     for stack in ("off", "on"):
         torch.manual_seed(0)
         model = s.GPT(cfg)
@@ -299,6 +318,7 @@ def test_stacked_muon_trains_as_muon_one_matrix_at_a_time(tiny_config):
             opt.step()
             opt.zero_grad()
         runs[stack] = model.state_dict()
+    assert strides and all(w == u for w, u in strides)  # tall matrices come back transposed, then contiguous
     for k, v in runs["off"].items():
         torch.testing.assert_close(runs["on"][k], v, atol=1e-5, rtol=1e-4)
     moved = [k for k, v in runs["on"].items() if ".h." in k and v.dim() == 2 and not torch.equal(v, start[k])]

@@ -152,8 +152,8 @@ def test_expected_time_prices_a_regrouped_split_from_the_sweep(tmp_path):
     """On a large GPU the notebook runs the "t4" preset as 128 x 1 (device_batch): its estimate
     takes that split's step from the sweep; a split the sweep lacks keeps the preset's, and says so."""
     out = tmp_path / "projection.json"
-    pg.main(["--presets", "t4", "--chips", "H100", "--sweep", "128", "--no-calibration", "--fused-loss",
-             "--muon-stack", "--out", str(out)])
+    pg.main(["--presets", "t4", "--chips", "H100", "--sweep", "128", "--fused-loss", "--muon-stack",
+             "--out", str(out)])
     data = json.loads(out.read_text())
     row = data["sweep"]["rows"][0]
     assert (row["batch_size"], row["grad_accum_steps"]) == (128, 1)
@@ -165,6 +165,9 @@ def test_expected_time_prices_a_regrouped_split_from_the_sweep(tmp_path):
     for mode in ("eager", "compiled"):
         e, p = regrouped[mode], preset[mode]
         assert e["tok_s"] == row["tok_s"]["H100"][mode]
+        assert e["calibrated"]["tok_s"] == row["tok_s"]["H100"][f"{mode}_calibrated"]
+        assert e["calibrated"]["tok_s"] < e["tok_s"] and e["peak_gib"] == row["peak_gib"]
+        assert "gpu_ms" not in e  # the preset split's parts of a step are not left beside another split's
         assert e["train_s"] == pytest.approx(p["train_s"] * p["tok_s"] / e["tok_s"])
         assert e["eval_s"] == pytest.approx(p["eval_s"]) and e["ckpt_s"] == pytest.approx(p["ckpt_s"])
         assert e["total_s"] == pytest.approx(e["train_s"] + e["eval_s"] + e["ckpt_s"])
