@@ -21,7 +21,6 @@ adds rows with Muon one matrix at a time (``MB``: eager; ``MB:CHUNK``: compiled)
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -128,10 +127,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--preset", default="t4")
+    p = common.step_script_parser(__doc__, overrides=False)
     p.add_argument("--micro-batches", type=_ints, default=[16, 32, 64, 128], help="eager rows, e.g. 16,32,64,128")
     p.add_argument("--compiled", type=_pairs, default=[], help="compiled rows as MB:CHUNK, e.g. 64:0,128:4096")
     p.add_argument("--unstacked", type=_pairs_or_eager, default=[],

@@ -318,3 +318,29 @@ def bench_tmpdir(prefix: str) -> str:
     import tempfile
 
     return tempfile.mkdtemp(prefix=f"slm-bench-{prefix}-")
+
+
+# ---- the per-step GPU scripts' command line ---------------------------------------------
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """One ``--set KEY=VALUE`` pair, read as the command line of slm_utils reads it."""
+    import slm_utils
+
+    (key, value), = slm_utils.parse_overrides([text]).items()
+    return key, value
+
+
+def step_script_parser(doc: str, overrides: bool = True):
+    """The arguments the scripts that time or inspect one preset's step share: --out, --device,
+    --preset and (``overrides``) --set."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--preset", default="t4")
+    if overrides:
+        p.add_argument("--set", type=parse_override, nargs="*", default=[], metavar="KEY=VALUE",
+                       help="preset overrides, e.g. arch=gpt2 optimizer=adamw")
+    return p

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check on one CUDA GPU; every figure lands as JSON in OUTDIR. Each step below has a time
-# limit; all of them add up to 1,260 s, so on a machine lent with a 10-minute limit per command
+# limit; all of them add up to 1,440 s, so on a machine lent with a 10-minute limit per command
 # run it in two parts (GPU_CHECK_STEPS, below; BENCHMARKS.md section 5 gives the two calls).
 #
 #   bash bench/gpu_check.sh OUTDIR
 #   GPU_CHECK_STEPS=tests,train,fused,decode,sweep bash bench/gpu_check.sh OUTDIR   # part A, at most 520 s
-#   GPU_CHECK_STEPS=profile bash bench/gpu_check.sh OUTDIR                           # at most 180 s, a call of its own
+#   GPU_CHECK_STEPS=profile,fusion bash bench/gpu_check.sh OUTDIR                    # at most 360 s, a call of its own
 #   GPU_CHECK_STEPS=ttl,seed,notebook bash bench/gpu_check.sh OUTDIR            # part B, at most 560 s
 #
 # Steps (GPU_CHECK_STEPS names them; the default is all, in this order):
@@ -31,6 +31,9 @@
 # profile  Where a step's time goes: GPU kernel time against wall time, kernel launches, and the
 #          optimizer's share, eager and compiled, for the "t4" preset at 64 x 2 and for the GPT-2 +
 #          AdamW recipe (bench/profile_step.py). -> OUTDIR/profile{,_gpt2}.json
+# fusion   What torch.compile's Inductor generated for one 64-window micro-batch of the same two
+#          recipes: its kernels and their bytes per graph, beside the projection's fused groups
+#          (bench/inductor_groups.py). -> OUTDIR/fusion{,_gpt2}.json
 # ttl      Timed runs to two target val losses, the bigram baseline and 0.5 below it (see
 #          bench/time_to_loss.py): on the embedded Shakespeare corpus, the "t4" preset's recipe and
 #          the old GPT-2 + AdamW recipe, each eager and with torch.compile (its warm-up counted), at
@@ -55,7 +58,7 @@ set -euo pipefail
 OUT="${1:?usage: bash bench/gpu_check.sh OUTDIR}"
 
 # the steps to run: GPU_CHECK_STEPS, comma-separated (spaces ignored), or all of them
-ALL_STEPS=tests,train,fused,decode,sweep,profile,ttl,seed,notebook
+ALL_STEPS=tests,train,fused,decode,sweep,profile,fusion,ttl,seed,notebook
 STEPS="${GPU_CHECK_STEPS:-$ALL_STEPS}"
 STEPS="${STEPS//[[:space:]]/}"
 IFS=, read -ra SELECTED <<< "$STEPS"
@@ -89,6 +92,7 @@ if [ "${SLM_GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   DECODE_ARGS=(--device cpu --new 8 --repeats 1 --block-sizes 128)
   SWEEP_ARGS=(--device cpu --tiny --micro-batches 64,128 --unstacked 128 --warmup 1 --steps 1)
   PROFILE_ARGS=(--device cpu --tiny --modes eager --warmup 1 --steps 1)
+  FUSION_ARGS=(--device cpu --tiny --micro-batch 4)
 else
   "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: bench/gpu_check.sh needs a GPU')"
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,power.limit,clocks.max.sm \
@@ -103,6 +107,7 @@ else
   SWEEP_ARGS=(--device cuda --micro-batches 16,32,64,128 --compiled 128:4096 --unstacked 128,128:4096
               --warmup 3 --steps 6)
   PROFILE_ARGS=(--device cuda --modes eager,compiled --warmup 3 --steps 5)
+  FUSION_ARGS=(--device cuda --micro-batch 64)
 fi
 
 failed=()
@@ -141,6 +146,12 @@ if want profile; then
     "$PY" bench/profile_step.py --out "$OUT/profile.json" "${PROFILE_ARGS[@]}"
   step "profile of a step, GPT-2 + AdamW" 90 "$OUT/profile_gpt2.log" \
     "$PY" bench/profile_step.py --out "$OUT/profile_gpt2.json" --set arch=gpt2 optimizer=adamw "${PROFILE_ARGS[@]}"
+fi
+if want fusion; then
+  step "Inductor's kernels against the projection's, t4 preset" 90 "$OUT/fusion.log" \
+    "$PY" bench/inductor_groups.py --out "$OUT/fusion.json" "${FUSION_ARGS[@]}"
+  step "Inductor's kernels against the projection's, GPT-2 + AdamW" 90 "$OUT/fusion_gpt2.log" \
+    "$PY" bench/inductor_groups.py --out "$OUT/fusion_gpt2.json" --set arch=gpt2 optimizer=adamw "${FUSION_ARGS[@]}"
 fi
 if want ttl; then
   # eager first, then fp16 as on a T4, then the compiled runs (each pays its compile warm-up): if the
@@ -220,6 +231,11 @@ for key in ("profile", "profile_gpt2"):
     if prof:
         summary[key] = [{k: r[k] for k in ("mode", "wall_ms", "kernel_ms", "gpu_busy", "kernels", "optimizer_cpu_ms",
                                            "optimizer_kernels")} for r in prof["rows"]]
+for key in ("fusion", "fusion_gpt2"):
+    fusion = load(key + ".json")
+    if fusion:
+        summary[key] = [{"region": g["region"], "inductor": g["inductor"], "projection": g["projection"]}
+                        for g in fusion["graphs"]]
 fused = load("fused_loss.json")
 if fused:
     summary["fused_loss"] = [{k: r[k] for k in ("chunk", "median_ms", "peak_extra_mb", "time_vs_plain",

@@ -22,7 +22,6 @@ trains a preset's step (``bench/bench_microbatch.make_step``: the preset's model
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -38,10 +37,7 @@ import slm_utils as S  # noqa: E402
 from bench_microbatch import make_step  # noqa: E402
 
 
-def _override(text: str) -> tuple[str, object]:
-    """One ``--set`` pair, read as the command line of slm_utils reads it."""
-    (key, value), = S.parse_overrides([text]).items()
-    return key, value
+_override = common.parse_override  # one --set pair
 
 
 def _device_time_us(event) -> float:
@@ -133,12 +129,7 @@ def profile_mode(args, device, data_dir, compiled: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--preset", default="t4")
-    p.add_argument("--set", type=_override, nargs="*", default=[], metavar="KEY=VALUE",
-                   help="preset overrides, e.g. arch=gpt2 optimizer=adamw")
+    p = common.step_script_parser(__doc__)
     p.add_argument("--micro-batch", type=int, default=64)
     p.add_argument("--windows", type=int, default=None, help="windows per optimizer step (default: the preset's)")
     p.add_argument("--loss-chunk", type=int, default=0)

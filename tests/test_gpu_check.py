@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import slm_utils
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -30,7 +32,7 @@ def load_time_to_loss():
 def test_a_bad_step_list_stops_the_check_before_it_starts(tmp_path, steps, bad):
     run = run_check(tmp_path / "out", 60, GPU_CHECK_STEPS=steps)
     assert run.returncode == 2 and bad in run.stderr
-    assert "tests,train,fused,decode,sweep,profile,ttl,seed,notebook" in run.stderr  # the message lists the names
+    assert "tests,train,fused,decode,sweep,profile,fusion,ttl,seed,notebook" in run.stderr  # the message lists them
     assert not (tmp_path / "out").exists()  # nothing run, nothing written
 
 
@@ -41,7 +43,8 @@ def test_the_selected_steps_and_only_those_run(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     made = {p.name for p in out.iterdir()}
     assert {"fused_loss.json", "decode.json", "gpu_check.json"} <= made
-    assert not made & {"train.json", "test_cuda.log", "microbatch.json", "profile.json", "time_to_loss.json", "notebook.log"}
+    assert not made & {"train.json", "test_cuda.log", "microbatch.json", "profile.json", "fusion.json",
+                       "time_to_loss.json", "notebook.log"}
 
 
 @pytest.mark.parametrize("recipe", ["new", "old", "seed"])
@@ -79,3 +82,25 @@ def test_the_step_profile_reads_its_overrides_and_refuses_an_unknown_mode(tmp_pa
         profile_step.main(["--out", str(tmp_path / "p.json"), "--device", "cpu", "--modes", "eager,fast"])
     assert "--modes 'eager,fast'" in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_inductor_groups_counts_generated_kernels_and_prices_the_same_micro_batch():
+    """bench/inductor_groups.py: extern calls and no-op nodes are not generated kernels; the projection's
+    side is its fused groups of one micro-batch, the ones the compiled step is priced with."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import inductor_groups
+    import project_gpu
+
+    nodes = [{"kind": "SchedulerNode", "name": "a", "bytes": 10}, {"kind": "FusedSchedulerNode", "name": "b", "bytes": 5},
+             {"kind": "ExternKernelSchedulerNode", "name": "mm", "bytes": 100},
+             {"kind": "NopKernelSchedulerNode", "name": "view", "bytes": 0}]
+    assert inductor_groups.summarize_nodes(nodes) == {"kernels": 2, "kernel_bytes": 15, "extern": 1, "extern_bytes": 100}
+    mcfg = slm_utils.GPTConfig(vocab_size=512, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0)
+    tcfg = slm_utils.TrainConfig(batch_size=4, block_size=32, max_steps=20, warmup_steps=2)
+    trace = project_gpu.trace_train_step(mcfg, tcfg)
+    chip = project_gpu.CHIPS["H100"]
+    for region in ("forward", "backward"):
+        got = inductor_groups.summarize_projection(trace, region)
+        part = [op for op in trace.ops if op.region == region and op.micro == 0]
+        assert got["kernels"] + got["extern"] == project_gpu._compiled(part, chip, trace)[2]  # what price() counts
+        assert got["extern"] >= 2 * 4 and got["kernel_bytes"] > 0  # at least the 4 matmuls of each block
