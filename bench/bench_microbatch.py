@@ -162,10 +162,7 @@ def main(argv=None) -> int:
            "windows_per_step": windows, "block_size": tcfg.block_size, "peak": peak,
            "command": "python bench/bench_microbatch.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "rows": rows}
-    res["markdown"] = markdown(res)
-    common.write_json(args.out, res)
-    print(res["markdown"])
-    return 0
+    return common.write_result(args.out, res, markdown(res))
 
 
 if __name__ == "__main__":

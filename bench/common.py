@@ -309,6 +309,14 @@ def _json_default(o):
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def write_result(path: Path, res: dict, table: str) -> int:
+    """A script's result: the JSON with its markdown table inside, and the table printed; status 0."""
+    res["markdown"] = table
+    write_json(path, res)
+    print(table)
+    return 0
+
+
 def log(msg: str):
     print(msg, file=sys.stderr, flush=True)
 

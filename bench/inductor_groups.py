@@ -119,10 +119,7 @@ def main(argv=None) -> int:
            "graphs": [{"region": region, "inductor": summarize_nodes(nodes),
                        "projection": summarize_projection(trace, region), "nodes": nodes}
                       for region, nodes in zip(("forward", "backward"), graphs)]}
-    res["markdown"] = markdown(res)
-    common.write_json(args.out, res)
-    print(res["markdown"])
-    return 0
+    return common.write_result(args.out, res, markdown(res))
 
 
 if __name__ == "__main__":
