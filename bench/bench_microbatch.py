@@ -38,14 +38,6 @@ def _ints(text: str) -> list[int]:
     return [int(t) for t in text.split(",") if t.strip()]
 
 
-def _pairs(text: str) -> list[tuple[int, int]]:
-    out = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        mb, _, chunk = item.partition(":")
-        out.append((int(mb), int(chunk or 0)))
-    return out
-
-
 def _pairs_or_eager(text: str) -> list[tuple[int, int | None]]:
     """'128,128:4096' -> [(128, None), (128, 4096)]: a bare size is an eager row, MB:CHUNK a compiled one."""
     out = []
@@ -53,6 +45,11 @@ def _pairs_or_eager(text: str) -> list[tuple[int, int | None]]:
         mb, sep, chunk = item.partition(":")
         out.append((int(mb), int(chunk or 0) if sep else None))
     return out
+
+
+def _pairs(text: str) -> list[tuple[int, int]]:
+    """'64:0,128:4096,32' -> MB:CHUNK pairs, a bare size meaning chunk 0 (the plain head)."""
+    return [(mb, chunk or 0) for mb, chunk in _pairs_or_eager(text)]
 
 
 def make_step(preset: str, micro_batch: int, windows: int, device: torch.device, data_dir, *, compile: bool,

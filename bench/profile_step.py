@@ -37,9 +37,6 @@ import slm_utils as S  # noqa: E402
 from bench_microbatch import make_step  # noqa: E402
 
 
-_override = common.parse_override  # one --set pair
-
-
 def _device_time_us(event) -> float:
     # renamed across PyTorch versions (cuda_time_total -> device_time_total); self time, not nested
     for name in ("self_device_time_total", "self_cuda_time_total"):

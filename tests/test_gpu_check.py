@@ -74,10 +74,11 @@ def test_the_micro_batch_sweep_refuses_a_size_that_does_not_divide_the_step(tmp_
 
 def test_the_step_profile_reads_its_overrides_and_refuses_an_unknown_mode(tmp_path, capsys):
     sys.path.insert(0, str(REPO / "bench"))
+    import common
     import profile_step
 
-    assert profile_step._override("arch=gpt2") == ("arch", "gpt2")
-    assert profile_step._override("muon_lr=0.01") == ("muon_lr", 0.01)
+    assert common.parse_override("arch=gpt2") == ("arch", "gpt2")  # profile_step's --set
+    assert common.parse_override("muon_lr=0.01") == ("muon_lr", 0.01)
     with pytest.raises(SystemExit):
         profile_step.main(["--out", str(tmp_path / "p.json"), "--device", "cpu", "--modes", "eager,fast"])
     assert "--modes 'eager,fast'" in capsys.readouterr().err
