@@ -31,9 +31,12 @@
 # profile  Where a step's time goes: GPU kernel time against wall time, kernel launches, and the
 #          optimizer's share, eager and compiled, for the "t4" preset at 64 x 2 and for the GPT-2 +
 #          AdamW recipe (bench/profile_step.py). -> OUTDIR/profile{,_gpt2}.json
-# fusion   What torch.compile's Inductor generated for one 64-window micro-batch of the same two
-#          recipes: its kernels and their bytes per graph, beside the projection's fused groups
-#          (bench/inductor_groups.py). -> OUTDIR/fusion{,_gpt2}.json
+# fusion   What torch.compile's Inductor generated for one micro-batch of the two compiled figures
+#          the projection is checked on: the "t4" preset at 128 x 1 with the fused head + loss (as
+#          the sweep runs it) and the lever table's GPT-2 shape (64 windows, dropout 0.1): its
+#          kernels and their bytes per graph, beside the projection's fused groups
+#          (bench/inductor_groups.py). `project_gpu.py --validate OUTDIR --inductor OUTDIR/fusion*.json`
+#          then prices those figures with these kernels. -> OUTDIR/fusion{,_gpt2}.json
 # ttl      Timed runs to two target val losses, the bigram baseline and 0.5 below it (see
 #          bench/time_to_loss.py): on the embedded Shakespeare corpus, the "t4" preset's recipe and
 #          the old GPT-2 + AdamW recipe, each eager and with torch.compile (its warm-up counted), at
@@ -92,7 +95,9 @@ if [ "${SLM_GPU_CHECK_DRY_RUN:-0}" = "1" ]; then
   DECODE_ARGS=(--device cpu --new 8 --repeats 1 --block-sizes 128)
   SWEEP_ARGS=(--device cpu --tiny --micro-batches 64,128 --unstacked 128 --warmup 1 --steps 1)
   PROFILE_ARGS=(--device cpu --tiny --modes eager --warmup 1 --steps 1)
-  FUSION_ARGS=(--device cpu --tiny --micro-batch 4)
+  FUSION_ARGS=(--device cpu --tiny)
+  FUSION_T4=(--micro-batch 4 --loss-chunk 256)
+  FUSION_GPT2=(--micro-batch 4)
 else
   "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: bench/gpu_check.sh needs a GPU')"
   nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,power.limit,clocks.max.sm \
@@ -107,7 +112,9 @@ else
   SWEEP_ARGS=(--device cuda --micro-batches 16,32,64,128 --compiled 128:4096 --unstacked 128,128:4096
               --warmup 3 --steps 6)
   PROFILE_ARGS=(--device cuda --modes eager,compiled --warmup 3 --steps 5)
-  FUSION_ARGS=(--device cuda --micro-batch 64)
+  FUSION_ARGS=(--device cuda)
+  FUSION_T4=(--micro-batch 128 --loss-chunk 4096)  # the sweep's compiled 128 x 1 rows
+  FUSION_GPT2=(--micro-batch 64)  # the lever table's shape
 fi
 
 failed=()
@@ -149,9 +156,10 @@ if want profile; then
 fi
 if want fusion; then
   step "Inductor's kernels against the projection's, t4 preset" 90 "$OUT/fusion.log" \
-    "$PY" bench/inductor_groups.py --out "$OUT/fusion.json" "${FUSION_ARGS[@]}"
+    "$PY" bench/inductor_groups.py --out "$OUT/fusion.json" "${FUSION_T4[@]}" "${FUSION_ARGS[@]}"
   step "Inductor's kernels against the projection's, GPT-2 + AdamW" 90 "$OUT/fusion_gpt2.log" \
-    "$PY" bench/inductor_groups.py --out "$OUT/fusion_gpt2.json" --set arch=gpt2 optimizer=adamw "${FUSION_ARGS[@]}"
+    "$PY" bench/inductor_groups.py --out "$OUT/fusion_gpt2.json" "${FUSION_GPT2[@]}" \
+      --set arch=gpt2 optimizer=adamw dropout=0.1 bias=True tie_weights=True "${FUSION_ARGS[@]}"
 fi
 if want ttl; then
   # eager first, then fp16 as on a T4, then the compiled runs (each pays its compile warm-up): if the

@@ -227,16 +227,34 @@ ASSUMPTIONS: dict[str, dict] = {
                      "why": "train()'s bookkeeping per optimizer step (the lr of every group, six history lists, "
                             "tqdm's counter). An estimate, not measured."},
     # ---- compile ---------------------------------------------------------------------
-    "compiled_fusion": {"value": "pointwise/reduction runs between matmuls fuse; bytes by dataflow",
+    "compiled_fusion": {"value": "runs between matmuls fuse by loop size, reductions over rows apart; "
+                                 "bytes by dataflow",
                         "why": "In compiled mode the model's forward and backward (what torch.compile(model) "
-                               "compiles) keep every matmul and attention kernel, and each run of other ops between "
-                               "two of them becomes one fused group: it reads each tensor it did not produce once, "
-                               "and writes only the tensors used after it (by a later op, the backward, or the "
-                               "optimizer); intermediate tensors stay in registers. A group is one kernel, plus one "
-                               "per extra reduction in it (Inductor splits reductions of different shapes). The "
-                               "optimizer step, gradient clipping and the loss bookkeeping of train_step stay eager, "
-                               "as in train(), which compiles the model only. Compile warm-up is not included "
-                               "(about 24 s on the H100, BENCHMARKS.md section 5)."},
+                               "compiles) keep every matmul and attention kernel. The other ops between two of them "
+                               "fuse into one kernel per loop size: ops over the same number of elements (within 1%, "
+                               "a padded width) share a kernel, so a weight's cast to bf16 or its gradient's cast "
+                               "back to fp32 is a kernel apart from the activations' work beside it. A kernel reads "
+                               "each tensor it did not produce once, and writes only the tensors used after it (by a "
+                               "later op, another kernel, the backward, or the optimizer); intermediate tensors stay "
+                               "in registers. A row reduction (a norm, a softmax) shares its loop's kernel, one more "
+                               "per further one. A reduction over rows (a weight or bias gradient) is a kernel of its "
+                               "own, split in two when it leaves fewer than split_outputs_per_sm x SMs outputs; a row "
+                               "reduction splits in two when it leaves fewer than 2 per SM and is longer than "
+                               "split_row_reduction_min (Inductor's rules, torch/_inductor/ir.py and choices.py). The "
+                               "compiled forward does not keep the loss's fp32 log-probabilities for the backward: "
+                               "they are recomputed from the logits, which the forward reads a second time. Checked "
+                               "against Inductor's own scheduler lowered for a stand-in GPU on the CPU "
+                               "(bench/inductor_groups.py --as-gpu; BENCHMARKS.md section 8). The optimizer step, "
+                               "gradient clipping and the loss bookkeeping of train_step stay eager, as in train(), "
+                               "which compiles the model only. Compile warm-up is not included (about 24 s on the "
+                               "H100, BENCHMARKS.md section 5)."},
+    "split_outputs_per_sm": {"value": 64,
+                             "why": "Inductor splits a reduction that leaves fewer than SMs x 2 x 32 outputs "
+                                    "(torch/_inductor/ir.py, Reduction.num_splits) into two kernels."},
+    "split_row_reduction_min": {"value": 8192,
+                                "why": "Inductor splits a row reduction only when it leaves fewer than 2 outputs "
+                                       "per SM and is longer than 8,192 elements (choices.py, reduction_split_factor; "
+                                       "before sm100)."},
     "autocast": {"value": "emulated CUDA autocast",
                  "why": "Inputs of linear / matmul / mm / bmm / addmm / baddbmm / SDPA are cast to the autocast dtype "
                         "(bf16; fp16 on a T4, same bytes), weights once per micro-batch (autocast caches casts of "
@@ -446,13 +464,15 @@ _ALLOCS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strid
 # same-shape ops that still reduce along a dimension: a kernel boundary for Inductor
 _REDUCING = ("softmax", "log_softmax", "layer_norm", "rms_norm", "cumsum", "nll_loss", "norm", "sum", "mean",
              "amax", "argmax", "var", "embedding_dense_backward")
+# ops that pick elements rather than reduce them: they loop over their output
+_GATHERS = ("embedding", "gather", "index", "index_select", "nll_loss_backward", "slice_backward")
 
 
 class Op:
     """One traced op: what it computes, what it moves, where in the step it ran."""
 
     __slots__ = ("index", "name", "region", "micro", "kind", "flops", "read", "write", "tensor_core",
-                 "misaligned", "tiles", "k", "launches", "reduction", "reads", "writes")
+                 "misaligned", "tiles", "k", "launches", "reduction", "reads", "writes", "space", "reductions")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -620,6 +640,32 @@ def _machinery():
                 n *= size
         return n * t.element_size()
 
+    def _loops(name, inputs, outputs, args, reduction: bool) -> tuple[int, tuple]:
+        """How Inductor would loop over a pointwise or reducing op: (space, reductions). ``space`` is
+        the number of elements its loop visits (a reduction visits its input); ``reductions`` holds one
+        (outputs, length, inner, count) per distinct reduction: ``inner`` when it sums along the last
+        dimension(s) (a row: norms, softmax), not when it sums over rows (weight and bias gradients);
+        ``count`` how many outputs of that shape the op returns (layer norm's weight and bias grads)."""
+        out_numel = max((t.numel() for t in outputs), default=0)
+        if name == "nll_loss_forward":  # one picked element per target row, summed
+            return args[1].numel(), ((1, args[1].numel(), True, 1),)
+        if not reduction or name.startswith(_GATHERS) or not inputs:
+            return out_numel, ()
+        x = max(inputs, key=lambda t: t.numel())
+        found: dict[tuple, int] = {}
+        for o in outputs:
+            if o.numel() >= x.numel():
+                continue
+            lead = list(o.shape)
+            while lead and lead[-1] == 1:
+                lead.pop()  # keepdim
+            key = (o.numel(), x.numel() // max(o.numel(), 1), lead == list(x.shape[:len(lead)]))
+            found[key] = found.get(key, 0) + 1
+        if any(r in name for r in _REDUCING) and x.dim() and out_numel >= x.numel() and not any(
+                inner for _, _, inner in found):
+            found[(x.numel() // x.shape[-1], x.shape[-1], True)] = 1  # a row reduction inside a same-shape op
+        return max(x.numel(), out_numel), tuple((*key, n) for key, n in found.items())
+
     def _gathered_reads(name, args, inputs, outputs):
         """(tensor, bytes read) of an op's inputs. Gather-like ops read only what they pick: the
         embedding its looked-up rows, nll_loss one log-probability per row, gather and indexing
@@ -766,10 +812,12 @@ def _machinery():
             biggest_in = max((t.numel() for t in inputs), default=0)
             reduction = kind in ("kernel", "multi") and (
                 any(r in name for r in _REDUCING) or (outputs and max(t.numel() for t in outputs) < biggest_in))
+            space, reductions = _loops(name, inputs, outputs, args, bool(reduction))
             self.ops.append(Op(index=len(self.ops), name=name, region=self._region(), micro=max(self.state.micro, 0),
                                kind=kind, flops=flops, read=sum(reads.values()), write=sum(writes.values()),
                                tensor_core=tensor_core, misaligned=misaligned, tiles=tiles, k=k, launches=launches,
-                               reduction=bool(reduction), reads=reads, writes=writes))
+                               reduction=bool(reduction), reads=reads, writes=writes, space=space,
+                               reductions=reductions))
 
     class PhaseOptimizer:
         """The optimizer, with its step marked as the 'optimizer' region of the trace."""
@@ -985,30 +1033,126 @@ def _eager(ops: list[Op], chip: dict) -> tuple[float, float, int]:
     return gpu, cpu, kernels
 
 
-def _fused_groups(ops: list[Op], trace: Trace) -> list[dict]:
-    """Inductor's fusion, as ASSUMPTIONS['compiled_fusion'] states it, over one compiled region."""
-    items, group = [], []
+def _same_space(a: int, b: int) -> bool:
+    """Two loops Inductor runs as one: the same number of elements, or within 1% (a padded width)."""
+    return abs(a - b) <= 0.01 * max(a, b)
+
+
+def _has_own_work(ops: list[Op]) -> bool:
+    """Whether a loop does work beside its reductions over rows: pointwise ops (other than a cast of
+    those reductions' totals, which runs at the end of their kernel) or a row reduction."""
+    totals = [r[0] for op in ops for r in op.reductions or () if not r[2]]
+    return any(r[2] for op in ops for r in op.reductions or ()) or any(
+        not op.reductions and not any(_same_space(op.space or 0, n) for n in totals) for op in ops)
+
+
+def _space_kernels(ops: list[Op], sms: int) -> int:
+    """Kernels of the ops of one space (ASSUMPTIONS['compiled_fusion']): row reductions share the
+    space's kernel, one more for each further one; a reduction over rows is a kernel of its own, and
+    is split in two (partial sums per block of rows, then their total) when it leaves too few outputs
+    to fill the GPU; a row reduction too, when it leaves fewer than 2 per SM and is long."""
+    inner = outer = 0
+    for op in ops:
+        for outputs, length, is_inner, count in op.reductions or ():
+            if is_inner:
+                inner += 2 if outputs < 2 * sms and length > _a("split_row_reduction_min") else 1
+            elif outputs < _a("split_outputs_per_sm") * sms and length > 32:
+                outer += 1 + count  # the partial sums of all of them in one kernel, then each total
+            else:
+                outer += 1
+    return (max(1, inner) if _has_own_work(ops) or not outer else 0) + outer
+
+
+def _loops_of_run(run: list[Op], trace: Trace) -> list[list[Op]]:
+    """The ops of a run between two library kernels, by the loop Inductor fuses them into: one per
+    loop size, in order of appearance, less the loops it computes inside another."""
+    end = run[-1].index
+    loops: list[list[Op]] = []
+    for op in run:
+        for loop in loops:
+            if _same_space(loop[0].space or 0, op.space or 0):
+                loop.append(op)
+                break
+        else:
+            loops.append([op])
+    merged = True
+    while merged:
+        merged = False
+        for g in loops:
+            if any(op.reductions for op in g):
+                continue
+            out = {uid for op in g for uid in op.writes}
+            reader = None
+            if all(trace.last_read.get(uid, -1) <= end for uid in out):
+                # results only other loops of the run read: computed inside the first of them
+                reader = next((h for h in loops if h is not g and any(uid in op.reads for op in h for uid in out)),
+                              None)
+            if reader is None:
+                # a loop over a reduction's totals that reads them (a bias gradient's cast): run at the
+                # end of the reduction's kernel
+                reads = {uid for op in g for uid in op.reads}
+                reader = next((h for h in loops if h is not g and any(
+                    _same_space(r[0], g[0].space or 0) and not r[2] and reads & set(op.writes)
+                    for op in h for r in op.reductions or ())), None)
+            if reader is not None:
+                reader.extend(g)
+                reader.sort(key=lambda op: op.index)
+                loops.remove(g)
+                merged = True
+                break
+    return loops
+
+
+def _loop_bytes(loop: list[Op], trace: Trace, end: int, read_elsewhere: set[int]) -> int:
+    """Bytes one fused loop moves: each tensor it did not produce, read once; each result something
+    later reads (after the run, in another loop of it, or in place outside it), written once."""
+    produced: set[int] = set()  # storages written inside the loop so far
+    external: dict = {}  # storages read from outside: once each
+    written: dict[int, int] = {}
+    dropped: set[int] = set()
+    source: dict[int, dict[int, int]] = {}  # a result made straight from memory: what it was made from
+    for op in loop:
+        for uid, b in op.reads.items():
+            if uid not in produced:
+                external[uid] = max(external.get(uid, 0), b)
+        for uid, b in op.writes.items():
+            produced.add(uid)
+            written[uid] = max(written.get(uid, 0), b)
+        if op.name == "_log_softmax" and op.region == "forward":
+            # the backward recomputes the log-probabilities from the logits it keeps: not stored;
+            # the loss reads what they were made from (the logits) a second time
+            dropped.update(op.writes)
+            for uid in op.reads:
+                for src, b in source.get(uid, {uid: op.reads[uid]}).items():
+                    external[("again", src)] = b
+        for uid in op.writes:
+            if all(u not in produced or u in op.writes for u in op.reads):
+                source[uid] = {u: b for u, b in op.reads.items() if u not in op.writes}
+    stored = sum(b for uid, b in written.items() if uid not in dropped and (
+        trace.last_read.get(uid, -1) > end or uid in external or uid in read_elsewhere))
+    # a reduction over rows beside the loop's own work is a kernel of its own, which reads its inputs
+    # again (a norm's backward: the gradient and the input, for the weight's gradient)
+    again = 0
+    if _has_own_work(loop):
+        again = sum(sum(op.reads.values()) for op in loop if any(not r[2] for r in op.reductions or ()))
+    return sum(external.values()) + stored + again
+
+
+def _fused_groups(ops: list[Op], trace: Trace, sms: int = 132) -> list[dict]:
+    """Inductor's fusion, as ASSUMPTIONS['compiled_fusion'] states it, over one compiled region: the
+    library kernels ({"op": ...}) and the fused loops ({"bytes", "kernels"}) in order."""
+    items, run = [], []
 
     def close():
-        if not group:
+        if not run:
             return
-        end = group[-1].index
-        produced: set[int] = set()  # storages written inside the group so far
-        external: dict[int, int] = {}  # storages the group reads from outside: read once
-        written: dict[int, int] = {}
-        for op in group:
-            for uid, b in op.reads.items():
-                if uid not in produced:
-                    external[uid] = max(external.get(uid, 0), b)
-            for uid, b in op.writes.items():
-                produced.add(uid)
-                written[uid] = max(written.get(uid, 0), b)
-        # a result goes back to memory only if something after the group reads it, or if it
-        # updates a tensor that lives outside the group (an in-place write, e.g. into .grad)
-        stored = sum(b for uid, b in written.items() if trace.last_read.get(uid, -1) > end or uid in external)
-        kernels = max(1, sum(op.reduction for op in group))
-        items.append({"bytes": sum(external.values()) + stored, "kernels": kernels})
-        group.clear()
+        loops = _loops_of_run(run, trace)
+        reads_of = [{uid for op in loop for uid in op.reads} for loop in loops]
+        for i, loop in enumerate(loops):
+            elsewhere = set().union(*(r for j, r in enumerate(reads_of) if j != i))
+            items.append({"bytes": _loop_bytes(loop, trace, run[-1].index, elsewhere),
+                          "kernels": _space_kernels(loop, sms)})
+        run.clear()
 
     for op in ops:
         if op.kind in ("view", "alloc"):
@@ -1017,30 +1161,48 @@ def _fused_groups(ops: list[Op], trace: Trace) -> list[dict]:
             close()
             items.append({"op": op})
         else:
-            group.append(op)
+            run.append(op)
     close()
     return items
 
 
-def _compiled(ops: list[Op], chip: dict, trace: Trace) -> tuple[float, float, int]:
-    """(GPU seconds, CPU overhead seconds, kernels) of one compiled region (a forward or a backward)."""
+# Inductor scheduler nodes that launch no generated kernel (bench/inductor_groups.py records them):
+# calls into a library (cuBLAS, flash attention), nodes that only alias a buffer, and the outputs of a
+# library call that returns several tensors
+INDUCTOR_NOT_GENERATED = ("ExternKernelSchedulerNode", "NopKernelSchedulerNode", "MultiOutput")
+
+
+def _compiled(ops: list[Op], chip: dict, trace: Trace, nodes: list[dict] | None = None) -> tuple[float, float, int]:
+    """(GPU seconds, CPU overhead seconds, kernels) of one compiled region (a forward or a backward).
+    ``nodes``: Inductor's own scheduler nodes for this region (``bench/inductor_groups.py``), priced in
+    place of the fused groups of ASSUMPTIONS['compiled_fusion']; matmuls and attention stay the traced ops."""
     gpu, cpu, kernels = 0.0, _a("compiled_graph_call_us") * 1e-6, 0
-    for item in _fused_groups(ops, trace):
+    bandwidth = chip["bandwidth_gbs"] * 1e9 * chip["bandwidth_efficiency"]
+    for item in _fused_groups(ops, trace, chip["sms"]):
         if "op" in item:
             op = item["op"]
             gpu += _gpu_seconds(op, chip)
             n = op.launches
+        elif nodes is not None:
+            continue
         else:
-            gpu += item["bytes"] / (chip["bandwidth_gbs"] * 1e9 * chip["bandwidth_efficiency"])
+            gpu += item["bytes"] / bandwidth
             n = item["kernels"]
         cpu += _a("compiled_kernel_us") * 1e-6 * n
         kernels += n
+    if nodes is not None:
+        generated = [n for n in nodes if n["kind"] not in INDUCTOR_NOT_GENERATED]
+        gpu += sum(n["bytes"] for n in generated) / bandwidth
+        cpu += _a("compiled_kernel_us") * 1e-6 * len(generated)
+        kernels += len(generated)
     return gpu, cpu, kernels
 
 
-def price(trace: Trace, chip: dict, mode: str, micro: int | None = None, regions=None) -> dict:
+def price(trace: Trace, chip: dict, mode: str, micro: int | None = None, regions=None,
+          inductor: dict | None = None) -> dict:
     """GPU time, CPU overhead and kernels of (part of) a trace: forward and backward compiled in
-    'compiled' mode, everything else eager."""
+    'compiled' mode, everything else eager. ``inductor``: Inductor's nodes per region ({"forward": [...],
+    "backward": [...]}, the same for every micro-batch: one compiled graph serves them all)."""
     ops = trace.select(regions, micro)
     gpu = cpu = 0.0
     kernels = 0
@@ -1048,7 +1210,7 @@ def price(trace: Trace, chip: dict, mode: str, micro: int | None = None, regions
         for region in ("forward", "backward"):
             for m in sorted({op.micro for op in ops if op.region == region}):
                 part = [op for op in ops if op.region == region and op.micro == m]
-                g, c, k = _compiled(part, chip, trace)
+                g, c, k = _compiled(part, chip, trace, (inductor or {}).get(region))
                 gpu, cpu, kernels = gpu + g, cpu + c, kernels + k
         ops = [op for op in ops if op.region not in ("forward", "backward")]
     g, c, k = _eager(ops, chip)
@@ -1068,13 +1230,14 @@ def _scaler_ops(trace: Trace) -> list[Op]:
             Op(index=-1, name="_local_scalar_dense", kind="sync", read=4, write=0, launches=1, **common)]
 
 
-def step_cost(trace: Trace, tcfg, chip: dict, mode: str) -> dict:
-    """Seconds of one optimizer step: micro-batch 0, the others like micro-batch 1, the tail, the host."""
+def step_cost(trace: Trace, tcfg, chip: dict, mode: str, inductor: dict | None = None) -> dict:
+    """Seconds of one optimizer step: micro-batch 0, the others like micro-batch 1, the tail, the host.
+    ``inductor``: see ``price``."""
     A = tcfg.grad_accum_steps
     micro_regions = ("forward", "backward", "glue")
-    parts = [price(trace, chip, mode, 0, micro_regions)]
+    parts = [price(trace, chip, mode, 0, micro_regions, inductor)]
     if A > 1:
-        other = price(trace, chip, mode, 1, micro_regions)
+        other = price(trace, chip, mode, 1, micro_regions, inductor)
         parts.append({k: v * (A - 1) for k, v in other.items()})
     parts.append(price(trace, chip, mode, None, ("tail", "optimizer")))
     if chip["amp"] == "float16":
@@ -1303,10 +1466,34 @@ def h100_checks() -> list[dict]:
     return checks
 
 
-def gpu_run_checks(run_dir: str | Path) -> dict:
+def inductor_nodes_for(records: list[dict], mcfg, batch_size: int, block_size: int, loss_chunk: int,
+                       chip_name: str) -> tuple[dict | None, str]:
+    """Inductor's nodes per region ({"forward": [...], "backward": [...]}) from the first record of
+    ``bench/inductor_groups.py`` that compiled this model at this micro-batch for this chip, and a note;
+    (None, "") when none did. Dropout may differ: a CPU build takes attention's math path under dropout,
+    so the stand-in lowers the model without it (the note says so)."""
+    import dataclasses
+
+    want = dataclasses.asdict(mcfg)
+    for r in records:
+        have = r["model_config"]
+        if ({k: v for k, v in have.items() if k != "dropout"} != {k: v for k, v in want.items() if k != "dropout"}
+                or (r["micro_batch"], r["block_size"], r["loss_chunk"], r["chip"])
+                != (batch_size, block_size, loss_chunk, chip_name)):
+            continue
+        note = "" if have["dropout"] == want["dropout"] else (
+            f"Inductor's kernels of the model at dropout {have['dropout']}, not {want['dropout']}")
+        return {g["region"]: g["nodes"] for g in r["graphs"]}, note
+    return None, ""
+
+
+def gpu_run_checks(run_dir: str | Path, inductor: list[dict] = ()) -> dict:
     """The figures of a recorded ``bench/gpu_check.sh`` run (``bench/gpu_runs/<date>-<gpu>``), each beside
     its projection on that GPU: the lever table's GPT-2 shape (``train.json``), the ``"t4"`` preset's
-    micro-batch sweep (``microbatch.json``) and its cached decoding (``decode.json``, the plain cache)."""
+    micro-batch sweep (``microbatch.json``) and its cached decoding (``decode.json``, the plain cache).
+    ``inductor``: records of ``bench/inductor_groups.py``; each compiled figure whose model, micro-batch
+    and chip one of them compiled is priced a second time with Inductor's own kernels in place of the
+    fused groups (a row of its own, ", Inductor's kernels")."""
     import dataclasses
     import json
 
@@ -1325,6 +1512,14 @@ def gpu_run_checks(run_dir: str | Path) -> dict:
         checks.append({"what": what, "measured": [measured], "units": units, "gpu_s": parts["gpu_s"],
                        "cpu_s": parts["cpu_s"], "host_s": parts.get("host_s", 0.0), "note": note})
 
+    def add_compiled(what, measured, trace, mcfg, tcfg):
+        """A compiled figure, and again with Inductor's own kernels when a record has them."""
+        add(what, measured, tcfg.tokens_per_step, step_cost(trace, tcfg, chip, "compiled"))
+        nodes, note = inductor_nodes_for(inductor, mcfg, tcfg.batch_size, tcfg.block_size, tcfg.loss_chunk, chip_name)
+        if nodes is not None:
+            add(what + ", Inductor's kernels", measured, tcfg.tokens_per_step,
+                step_cost(trace, tcfg, chip, "compiled", nodes), note)
+
     # the lever table: GPT-2 blocks 6/6/384, one micro-batch of 64 x 128, AdamW, bf16 (as h100_checks)
     rate = {r["name"].split(" = ")[0]: r["tokens_per_s"] for r in train["rows"]}
     shape = dict(vocab_size=50257, block_size=128, n_layer=6, n_head=6, n_embd=384, dropout=0.1, bias=True)
@@ -1333,7 +1528,7 @@ def gpu_run_checks(run_dir: str | Path) -> dict:
     trace = trace_train_step(mcfg, tcfg)
     tokens = tcfg.tokens_per_step
     add("GPT-2 shape, 64 x 1, eager", rate["slm_utils"], tokens, step_cost(trace, tcfg, chip, "eager"))
-    add("GPT-2 shape, 64 x 1, compiled", rate["torch.compile on"], tokens, step_cost(trace, tcfg, chip, "compiled"))
+    add_compiled("GPT-2 shape, 64 x 1, compiled", rate["torch.compile on"], trace, mcfg, tcfg)
     add("GPT-2 shape, 64 x 1, eager, vocabulary not padded", rate["pad 64 off"], tokens,
         step_cost(trace_train_step(S.GPTConfig(**shape), tcfg), tcfg, chip, "eager"))
     add("GPT-2 shape, 64 x 1, eager, AdamW not fused", rate["fused AdamW off"], tokens,
@@ -1350,14 +1545,18 @@ def gpu_run_checks(run_dir: str | Path) -> dict:
         mode = "compiled" if r["compiled"] else "eager"
         head = f", fused head + loss ({r['loss_chunk']:,}-row chunks)" if r["loss_chunk"] else ""
         head += ", Muon stacked" if stacked else ""
-        add(f"'{sweep['preset']}' preset, {r['micro_batch']} x {r['grad_accum_steps']}, {mode}{head}",
-            r["tokens_per_s"], cfg.tokens_per_step, step_cost(trace_train_step(pm, cfg), cfg, chip, mode))
+        what = f"'{sweep['preset']}' preset, {r['micro_batch']} x {r['grad_accum_steps']}, {mode}{head}"
+        if mode == "compiled":
+            add_compiled(what, r["tokens_per_s"], trace_train_step(pm, cfg), pm, cfg)
+        else:
+            add(what, r["tokens_per_s"], cfg.tokens_per_step, step_cost(trace_train_step(pm, cfg), cfg, chip, mode))
     for r in decode["rows"]:
         if r["block_size"] == pm.block_size:
             add(f"'{sweep['preset']}' preset, cached greedy decoding, batch 1", r["tokens_per_s"]["kv_cache"], 1,
                 price(trace_decode_step(pm), chip, "eager"),
                 f"measured: {r['new_tokens']} tokens including the prefill and window hops; projected: the "
                 "steady cached step")
+            checks[-1]["host_fit"] = True  # almost all launch overhead: this machine's host speed
     return {"run": str(run_dir), "gpu": gpu, "chip": chip_name, "date": train["machine"]["date"], "checks": checks}
 
 
@@ -1370,6 +1569,16 @@ def fit_calibration(checks: list[dict]) -> tuple[float, float]:
     f_cpu = (measured_s(dec) - dec["gpu_s"] - dec["host_s"]) / dec["cpu_s"]
     f_gpu = (measured_s(train) - f_cpu * train["cpu_s"] - train["host_s"]) / train["gpu_s"]
     return f_gpu, f_cpu
+
+
+def host_factor(checks: list[dict], gpu_factor: float) -> float | None:
+    """The CPU factor refitted on a run's own decoding figure (``host_fit``), the GPU one kept: the
+    launch overhead of the machine that ran it, whose host CPU need not be the H100 machine's."""
+    dec = next((c for c in checks if c.get("host_fit")), None)
+    if dec is None:
+        return None
+    measured_s = dec["units"] / (sum(dec["measured"]) / len(dec["measured"]))
+    return (measured_s - gpu_factor * dec["gpu_s"] - dec["host_s"]) / dec["cpu_s"]
 
 
 def validation_rows(checks: list[dict], factors: tuple[float, float] | None) -> list[dict]:
@@ -1471,9 +1680,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip the H100 check and the calibration fitted on it")
     parser.add_argument("--validate", nargs="*", default=[], metavar="RUN_DIR",
                         help="recorded GPU runs (bench/gpu_runs/...) to check the projection against")
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="FUSION_JSON",
+                        help="with --validate: records of bench/inductor_groups.py (on that GPU, or --as-gpu); "
+                             "compiled figures they match are priced again with Inductor's own kernels")
     parser.add_argument("--measured-tok-s", nargs="*", default=[], metavar="CHIP[:PRESET[:MODE]]=VALUE",
                         help="a measured training tok/s, to print the projection's error against it")
     args = parser.parse_args(argv)
+    if args.inductor and not args.validate:
+        raise SystemExit("--inductor prices the compiled figures of a recorded GPU run: give --validate RUN_DIR too.")
     chips = _expand_chips(args.chips)
     started = time.perf_counter()
     torch = _machinery().torch
@@ -1582,18 +1796,26 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"\nthe same shape on a T4, {r['what']}: projected {t4['projected']:,.0f} tok/s, calibrated "
                       f"{t4['calibrated']:,.0f} tok/s")
 
+    inductor = [json.loads(Path(f).read_text()) for f in args.inductor]
     for run_dir in args.validate:
         t = time.perf_counter()
-        run = gpu_run_checks(run_dir)
+        run = gpu_run_checks(run_dir, inductor)
         rows = validation_rows(run["checks"], factors)
+        host = host_factor(run["checks"], factors[0]) if factors else None
+        if host is not None:  # the same figures with this machine's own launch overhead
+            for r, h in zip(rows, validation_rows(run["checks"], (factors[0], host))):
+                r["host_calibrated"], r["host_calibrated_error_pct"] = h["calibrated"], h["calibrated_error_pct"]
         result.setdefault("validation", []).append({**{k: run[k] for k in ("run", "gpu", "chip", "date")},
-                                                     "rows": rows})
+                                                     "host_cpu_factor": host, "rows": rows})
         print(f"checked against {run_dir} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         print(f"\n### check against the {run['gpu']} run of {run['date'][:10]} ({run_dir})\n")
-        print("| figure | measured tok/s | projected tok/s | error | calibrated tok/s | error |")
-        print("|---|---|---|---|---|---|")
+        refit = f" | this host (CPU x {host:.2f}) | error" if host is not None else ""
+        print(f"| figure | measured tok/s | projected tok/s | error | calibrated tok/s | error{refit} |")
+        print("|---|---|---|---|---|---|" + ("---|---|" if refit else ""))
         for r in rows:
             cal = (f"{r['calibrated']:,.0f} | {r['calibrated_error_pct']:+.0f}%" if factors else "n/a | n/a")
+            if refit:
+                cal += f" | {r['host_calibrated']:,.0f} | {r['host_calibrated_error_pct']:+.0f}%"
             print(f"| {r['what']} | {r['measured'][0]:,.0f} | {r['projected']:,.0f} | {r['error_pct']:+.0f}% | {cal} |")
 
     for item in args.measured_tok_s:

@@ -1,6 +1,7 @@
 """bench/gpu_check.sh and the time-to-loss runs it starts, checked without a GPU."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -101,7 +102,28 @@ def test_inductor_groups_counts_generated_kernels_and_prices_the_same_micro_batc
     trace = project_gpu.trace_train_step(mcfg, tcfg)
     chip = project_gpu.CHIPS["H100"]
     for region in ("forward", "backward"):
-        got = inductor_groups.summarize_projection(trace, region)
+        got = inductor_groups.summarize_projection(trace, region, chip["sms"])
         part = [op for op in trace.ops if op.region == region and op.micro == 0]
         assert got["kernels"] + got["extern"] == project_gpu._compiled(part, chip, trace)[2]  # what price() counts
         assert got["extern"] >= 2 * 4 and got["kernel_bytes"] > 0  # at least the 4 matmuls of each block
+
+
+def test_inductor_lowered_for_a_stand_in_gpu_agrees_with_the_projections_fusion_model(tmp_path):
+    """bench/inductor_groups.py --as-gpu: the graphs Inductor compiled on the CPU, lowered again for a
+    stand-in H100 by Inductor's own GPU path (Triton scheduling). The attention must come out as the
+    GPU's flash kernels (as many library calls as the projection's matmuls and attention ops, not the
+    CPU's math), and the projection's fusion model must land near Inductor's own kernels and bytes."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import inductor_groups
+
+    out = tmp_path / "f.json"
+    assert inductor_groups.main(["--device", "cpu", "--as-gpu", "H100", "--micro-batch", "8", "--out", str(out),
+                                 "--set", "dtype=bfloat16", "n_layer=2", "n_head=2", "n_embd=128"]) == 0
+    res = json.loads(out.read_text())
+    assert res["chip"] == "H100" and res["scheduler"] == "triton, H100 stand-in"
+    for g in res["graphs"]:
+        ind, proj = g["inductor"], g["projection"]
+        assert ind["extern"] == proj["extern"], g["region"]  # cuBLAS and flash attention, one call each
+        assert abs(ind["kernels"] - proj["kernels"]) <= 0.15 * ind["kernels"], (g["region"], ind, proj)
+        assert abs(ind["kernel_bytes"] - proj["kernel_bytes"]) <= 0.15 * ind["kernel_bytes"], (g["region"], ind, proj)
+        assert g["inductor_cpp"]["kernels"] > 0  # the CPU backend's own count is kept beside it

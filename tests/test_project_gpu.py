@@ -3,6 +3,7 @@
 Everything is traced on the meta device, so these run in seconds on a CPU.
 """
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -296,3 +297,41 @@ def test_the_benchmarks_mfu_counts_the_flops_the_projection_counts(preset):
     mcfg, _ = slm_utils.preset(preset)
     expected = pg.model_info(mcfg, mcfg.block_size)["model_flops_per_token"]
     assert common.flops_per_token(slm_utils.GPT(mcfg), mcfg.block_size) == expected
+
+
+def test_a_compiled_figure_can_be_priced_with_inductors_own_kernels(train_trace, tmp_path):
+    """With a record of bench/inductor_groups.py, the compiled forward and backward are priced from
+    Inductor's generated kernels (their count and bytes) instead of the fused groups; the matmuls and
+    attention stay the traced ops. A record of another model or micro-batch is not used."""
+    mcfg, tcfg, trace = train_trace
+    chip = pg.CHIPS["H100"]
+    plain = pg.step_cost(trace, tcfg, chip, "compiled")
+    nodes = {region: [{"kind": "SchedulerNode", "name": f"k{i}", "bytes": 10**6} for i in range(100)]
+             + [{"kind": "ExternKernelSchedulerNode", "name": "mm", "bytes": 10**9},
+                {"kind": "MultiOutput", "name": "out", "bytes": 0}] for region in ("forward", "backward")}
+    priced = pg.step_cost(trace, tcfg, chip, "compiled", nodes)
+
+    def group_kernels(micro):  # the fused groups' kernels of one micro-batch, forward and backward
+        return sum(it["kernels"] for r in ("forward", "backward") for it in pg._fused_groups(
+            [op for op in trace.ops if op.region == r and op.micro == micro], trace, chip["sms"]) if "op" not in it)
+
+    A = tcfg.grad_accum_steps
+    # only the generated kernels replace the groups, in every micro-batch; library calls are not counted twice
+    assert priced["kernels"] - plain["kernels"] == (200 - group_kernels(0)) + (A - 1) * (200 - group_kernels(1))
+    assert priced["gpu_s"] != plain["gpu_s"]
+
+    record = {"model_config": dataclasses.asdict(mcfg), "micro_batch": tcfg.batch_size, "block_size": tcfg.block_size,
+              "loss_chunk": tcfg.loss_chunk, "chip": "H100",
+              "graphs": [{"region": r, "nodes": nodes[r]} for r in ("forward", "backward")]}
+    found, note = pg.inductor_nodes_for([record], mcfg, tcfg.batch_size, tcfg.block_size, tcfg.loss_chunk, "H100")
+    assert found == nodes and note == ""
+    other = dataclasses.replace(mcfg, dropout=0.0 if mcfg.dropout else 0.1)
+    assert pg.inductor_nodes_for([record], other, tcfg.batch_size, tcfg.block_size, 0, "H100")[1].startswith(
+        "Inductor's kernels of the model at dropout")  # dropout may differ, and the note says so
+    assert pg.inductor_nodes_for([record], mcfg, 2 * tcfg.batch_size, tcfg.block_size, 0, "H100")[0] is None
+    assert pg.inductor_nodes_for([record], mcfg, tcfg.batch_size, tcfg.block_size, 0, "T4")[0] is None
+    assert pg.inductor_nodes_for([record], dataclasses.replace(mcfg, n_layer=mcfg.n_layer + 1), tcfg.batch_size,
+                                 tcfg.block_size, 0, "H100")[0] is None
+    with pytest.raises(SystemExit, match="give --validate RUN_DIR too"):
+        pg.main(["--presets", "cpu", "--chips", "T4", "--no-calibration", "--sweep", "--fused-loss", "--muon-stack",
+                 "--inductor", str(tmp_path / "x.json"), "--out", str(tmp_path / "p.json")])
