@@ -1012,15 +1012,30 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         mm_dtype = (x[:1] @ weight[:1].t()).dtype
         w, xm = weight.to(mm_dtype), x.to(mm_dtype)  # (Vp, C), (N, C)
         rows = torch.arange(min(chunk, x.size(0)), device=x.device)  # each row's own target column
+        cols = torch.arange(weight.size(0), device=x.device)  # (Vp,)
+        # Eagerly, each chunk is worked on in place: no second (n, Vp) tensor. Under torch.compile the
+        # same values are made out of place, which Inductor fuses into one kernel per chunk (the
+        # logits read once, the gradient written once); the in-place writes would make it keep fp32
+        # copies of each chunk (BENCHMARKS.md section 8).
+        compiled = torch.compiler.is_compiling()
         for s in range(0, x.size(0), chunk):
             xc, yc, kc = xm[s:s + chunk], targets[s:s + chunk].clamp(min=0), keep[s:s + chunk, None]
             z = xc @ w.t()  # (n, Vp) logits in the matmul dtype
-            z[:, vocab_size:] = float("-inf")  # padded columns: probability 0, so gradient 0
+            # padded columns: probability 0, so gradient 0
+            if compiled:
+                z = z.masked_fill(cols >= vocab_size, float("-inf"))
+            else:
+                z[:, vocab_size:] = float("-inf")
             logp = F.log_softmax(z, dim=-1, dtype=torch.float32)  # (n, Vp): one kernel, fp32 arithmetic
             total -= (logp.gather(1, yc[:, None]) * kc).sum()
             if need_grad:
-                g = logp.exp_()  # softmax, in place: (n, Vp)
-                g[rows[:len(yc)], yc] -= 1.0  # d(row's loss)/d(logits), in [-1, 1]
+                # the softmax minus each row's one-hot target: d(row's loss)/d(logits), in [-1, 1]
+                if compiled:
+                    p = logp.exp()
+                    g = torch.where(cols == yc[:, None], p - 1.0, p)
+                else:
+                    g = logp.exp_()
+                    g[rows[:len(yc)], yc] -= 1.0
                 # one cast to the matmul dtype for both matmuls. The division by the count comes
                 # afterwards, in fp32, so that fp16 does not flush small entries of g to zero.
                 # Ignored rows are zeroed in the (n, C) tensors, not in the (n, Vp) one: cheaper.
