@@ -1012,12 +1012,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         mm_dtype = (x[:1] @ weight[:1].t()).dtype
         w, xm = weight.to(mm_dtype), x.to(mm_dtype)  # (Vp, C), (N, C)
         rows = torch.arange(min(chunk, x.size(0)), device=x.device)  # each row's own target column
-        cols = torch.arange(weight.size(0), device=x.device)  # (Vp,)
         # Eagerly, each chunk is worked on in place: no second (n, Vp) tensor. Under torch.compile the
         # same values are made out of place, which Inductor fuses into one kernel per chunk (the
         # logits read once, the gradient written once); the in-place writes would make it keep fp32
         # copies of each chunk (BENCHMARKS.md section 8).
         compiled = torch.compiler.is_compiling()
+        cols = torch.arange(weight.size(0), device=x.device) if compiled else None  # (Vp,) column ids
         for s in range(0, x.size(0), chunk):
             xc, yc, kc = xm[s:s + chunk], targets[s:s + chunk].clamp(min=0), keep[s:s + chunk, None]
             z = xc @ w.t()  # (n, Vp) logits in the matmul dtype
