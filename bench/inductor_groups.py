@@ -57,16 +57,12 @@ def _node_record(node) -> dict:
             "ops": ops}
 
 
-def _record_scheduler_nodes() -> list[list[dict]]:
-    """Wrap Inductor's code generation so that each compiled graph appends its fused nodes."""
+@contextlib.contextmanager
+def _record_scheduler_nodes():
+    """While active, each graph Inductor compiles appends its fused nodes to the yielded list."""
     from torch._inductor import config
     from torch._inductor.graph import GraphLowering
 
-    config.fx_graph_cache = False  # a cached graph skips the scheduler, and there would be nothing to read
-    try:
-        torch._functorch.config.enable_autograd_cache = False
-    except AttributeError:  # an older PyTorch has no such cache
-        pass
     graphs: list[list[dict]] = []
     codegen = GraphLowering.codegen
 
@@ -75,8 +71,15 @@ def _record_scheduler_nodes() -> list[list[dict]]:
         graphs.append([_node_record(n) for n in self.scheduler.nodes])
         return out
 
-    GraphLowering.codegen = recording
-    return graphs
+    # a cached graph skips the scheduler, and there would be nothing to read
+    caches = [mock.patch.object(config, "fx_graph_cache", False)]
+    if hasattr(torch._functorch.config, "enable_autograd_cache"):  # an older PyTorch has no such cache
+        caches.append(mock.patch.object(torch._functorch.config, "enable_autograd_cache", False))
+    with contextlib.ExitStack() as stack:
+        for patch in caches:
+            stack.enter_context(patch)
+        stack.enter_context(mock.patch.object(GraphLowering, "codegen", recording))
+        yield graphs
 
 
 class GraphCapture:
@@ -152,7 +155,16 @@ def _pretend_cuda(chip: str):
                 raise
             return n.meta["val"]
 
+    from torch._inductor.runtime.hints import DeviceProperties
+    from torch._inductor.utils import is_big_gpu
+
+    def forget_devices():  # Inductor caches what it learnt of a device; another stand-in must not see it
+        DeviceProperties.create.cache_clear()
+        is_big_gpu.cache_clear()
+
     with contextlib.ExitStack() as stack:
+        stack.callback(forget_devices)
+        forget_devices()
         patch = lambda *args: stack.enter_context(mock.patch.object(*args))  # noqa: E731
         for name, fn in fixed.items():
             patch(torch.cuda, name, fn)
@@ -185,6 +197,11 @@ def _to_cuda(gm) -> set[str]:
         # devices appear as keyword arguments (full, empty) and positional ones (the RNG seeds of dropout)
         n.args = tuple(to_cuda(a) for a in n.args)
         n.kwargs = {k: to_cuda(v) for k, v in n.kwargs.items()}
+        if n.target in (aten._scaled_dot_product_flash_attention_for_cpu.default,
+                        aten._scaled_dot_product_flash_attention_for_cpu_backward.default) \
+                and n.kwargs.get("attn_mask") is not None:
+            raise SystemExit("--as-gpu: an attention with an explicit mask has no flash kernel on a GPU; the "
+                             "stand-in cannot show what a GPU would run for it.")
         if n.target is aten._scaled_dot_product_flash_attention_for_cpu.default:
             n.target = aten._scaled_dot_product_flash_attention.default  # outputs 0 and 1 are the same
             n.kwargs = {k: v for k, v in n.kwargs.items() if k != "attn_mask"}
@@ -218,6 +235,8 @@ def _fake_cuda_values(gm, inputs, mode) -> None:
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             env[n] = next(feed)
+        elif n.op == "get_attr":  # a constant of the graph
+            env[n] = pytree.tree_map(on_cuda, n.meta.get("val"))
         elif n.op == "call_function":
             args, kwargs = pytree.tree_map(lambda x: env[x] if isinstance(x, torch.fx.Node) else x, (n.args, n.kwargs))
             try:
@@ -260,12 +279,14 @@ def lower_for_gpu(captured: list[tuple], chip: str) -> list[list[dict]]:
                           torch.empty(s[0], dtype=s[2], device="cuda") if name in contiguous else
                           torch.empty_strided(s[0], s[1], dtype=s[2], device="cuda") for name, s in zip(names, specs)]
             _fake_cuda_values(gm, inputs, mode)
-            before = len(graphs)
             try:
                 with torch._guards.tracing(torch._guards.TracingContext(mode)):
                     compile_fx.compile_fx_inner(gm, inputs, **kwargs)
-            except Exception:  # Inductor wraps _Scheduled in its own error
-                if len(graphs) == before:  # failed before its scheduler ran: a real error
+            except Exception as e:  # Inductor wraps _Scheduled in its own error
+                cause = e
+                while cause is not None and not isinstance(cause, _Scheduled):
+                    cause = cause.__cause__ or cause.__context__
+                if cause is None:  # it failed before its scheduler ran: a real error
                     raise
     return graphs
 
@@ -309,24 +330,32 @@ def main(argv=None) -> int:
                         "count its Triton scheduler's nodes (no GPU needed)")
     args = p.parse_args(argv)
     device = common.resolve_device(args.device)
-    if args.as_gpu and device.type != "cpu":
-        raise SystemExit(f"--as-gpu {args.as_gpu} stands in for a GPU on a CPU build; on {device} read the "
-                         "GPU's own scheduler: drop --as-gpu.")
-    graphs = _record_scheduler_nodes()
+    overrides = dict(args.set)
+    S = project_gpu._slm()
+    if args.as_gpu:
+        if device.type != "cpu":
+            raise SystemExit(f"--as-gpu {args.as_gpu} stands in for a GPU on a CPU build; on {device} read the "
+                             "GPU's own scheduler: drop --as-gpu.")
+        mcfg, tcfg = S.preset(args.preset, **overrides)
+        if mcfg.dropout > 0:
+            raise SystemExit(f"--as-gpu: dropout={mcfg.dropout}: a CPU build runs attention with dropout by its "
+                             "math path, not the flash kernel a GPU runs. Fix: --set dropout=0.0 (and say so).")
+        if tcfg.dtype == "auto":  # what the chip's autocast would use, not the CPU's fp32
+            overrides["dtype"] = project_gpu.CHIPS[args.as_gpu]["amp"]
     capture = GraphCapture() if args.as_gpu else contextlib.nullcontext()  # only a stand-in lowers them again
     data_dir = Path(common.bench_tmpdir("fusion-data"))
     try:
-        S = project_gpu._slm()
         S.prepare_data("shakespeare", data_dir)
         step, model, _, tcfg = make_step(args.preset, args.micro_batch, args.micro_batch, device, data_dir,
-                                         compile=True, loss_chunk=args.loss_chunk, tiny=args.tiny, **dict(args.set))
-        with capture:
+                                         compile=True, loss_chunk=args.loss_chunk, tiny=args.tiny, **overrides)
+        with _record_scheduler_nodes() as graphs, capture:
             step()  # compiles the forward, then the backward
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
-    if len(graphs) < 2:
-        raise SystemExit(f"Inductor generated {len(graphs)} graph(s), not a forward and a backward: this PyTorch "
-                         "compiles differently from the one this script was written for (2.11-2.13).")
+    if len(graphs) != 2:
+        raise SystemExit(f"Inductor compiled {len(graphs)} graph(s), not one forward and one backward: a graph "
+                         "break, or a PyTorch that compiles differently from the one this script was written "
+                         "for (2.11-2.13). The graphs cannot be told apart, so nothing is recorded.")
     backend = "cpp"
     if args.as_gpu:
         cpu_graphs, graphs = graphs, lower_for_gpu(capture.graphs, args.as_gpu)
@@ -337,6 +366,7 @@ def main(argv=None) -> int:
                            if device.type == "cuda" else None)
     sms = project_gpu.CHIPS[chip or "H100"]["sms"]
     res = {"machine": common.machine_info(device), "preset": args.preset, "overrides": dict(args.set),
+           "dtype": str(S._resolve_dtype(tcfg, device)).removeprefix("torch."),  # the autocast the graphs were made under
            "micro_batch": args.micro_batch, "loss_chunk": args.loss_chunk, "tiny": args.tiny,
            "as_gpu": args.as_gpu, "scheduler": backend if device.type == "cpu" else "triton",
            # the chip whose scheduler decided (its SM count sets how reductions split): None on a CPU alone

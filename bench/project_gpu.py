@@ -52,6 +52,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -464,8 +465,21 @@ _ALLOCS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strid
 # same-shape ops that still reduce along a dimension: a kernel boundary for Inductor
 _REDUCING = ("softmax", "log_softmax", "layer_norm", "rms_norm", "cumsum", "nll_loss", "norm", "sum", "mean",
              "amax", "argmax", "var", "embedding_dense_backward")
-# ops that pick elements rather than reduce them: they loop over their output
-_GATHERS = ("embedding", "gather", "index", "index_select", "nll_loss_backward", "slice_backward")
+# ops that pick or place elements rather than reduce them: each is one loop over its output (the
+# embedding's backward, a scatter-add into the table, too)
+_GATHERS = {"embedding", "embedding_dense_backward", "gather", "index", "index_select", "nll_loss_backward",
+            "slice_backward"}
+# Inductor never splits a reduction of at most this many elements (its min_elements_per_thread)
+_MIN_SPLIT_LENGTH = 32
+
+
+class Reduction(NamedTuple):
+    """One reduction of a traced op, as Inductor would loop over it."""
+
+    outputs: int  # elements it leaves
+    length: int  # elements summed into each
+    inner: bool  # along the last dimension(s), a row (norms, softmax); not over rows (weight gradients)
+    count: int  # outputs of this shape the op returns (layer norm's weight and bias gradients: 2)
 
 
 class Op:
@@ -642,16 +656,16 @@ def _machinery():
 
     def _loops(name, inputs, outputs, args, reduction: bool) -> tuple[int, tuple]:
         """How Inductor would loop over a pointwise or reducing op: (space, reductions). ``space`` is
-        the number of elements its loop visits (a reduction visits its input); ``reductions`` holds one
-        (outputs, length, inner, count) per distinct reduction: ``inner`` when it sums along the last
-        dimension(s) (a row: norms, softmax), not when it sums over rows (weight and bias gradients);
-        ``count`` how many outputs of that shape the op returns (layer norm's weight and bias grads)."""
+        the number of elements its loop visits (a reduction visits its input); ``reductions`` holds a
+        ``Reduction`` per distinct reduction it does."""
         out_numel = max((t.numel() for t in outputs), default=0)
         if name == "nll_loss_forward":  # one picked element per target row, summed
-            return args[1].numel(), ((1, args[1].numel(), True, 1),)
-        if not reduction or name.startswith(_GATHERS) or not inputs:
+            return args[1].numel(), (Reduction(1, args[1].numel(), True, 1),)
+        if not reduction or name in _GATHERS or not inputs:
             return out_numel, ()
         x = max(inputs, key=lambda t: t.numel())
+        if x.numel() == 0:
+            return 0, ()
         found: dict[tuple, int] = {}
         for o in outputs:
             if o.numel() >= x.numel():
@@ -664,7 +678,7 @@ def _machinery():
         if any(r in name for r in _REDUCING) and x.dim() and out_numel >= x.numel() and not any(
                 inner for _, _, inner in found):
             found[(x.numel() // x.shape[-1], x.shape[-1], True)] = 1  # a row reduction inside a same-shape op
-        return max(x.numel(), out_numel), tuple((*key, n) for key, n in found.items())
+        return max(x.numel(), out_numel), tuple(Reduction(*key, n) for key, n in found.items())
 
     def _gathered_reads(name, args, inputs, outputs):
         """(tensor, bytes read) of an op's inputs. Gather-like ops read only what they pick: the
@@ -1041,8 +1055,8 @@ def _same_space(a: int, b: int) -> bool:
 def _has_own_work(ops: list[Op]) -> bool:
     """Whether a loop does work beside its reductions over rows: pointwise ops (other than a cast of
     those reductions' totals, which runs at the end of their kernel) or a row reduction."""
-    totals = [r[0] for op in ops for r in op.reductions or () if not r[2]]
-    return any(r[2] for op in ops for r in op.reductions or ()) or any(
+    totals = [r.outputs for op in ops for r in op.reductions or () if not r.inner]
+    return any(r.inner for op in ops for r in op.reductions or ()) or any(
         not op.reductions and not any(_same_space(op.space or 0, n) for n in totals) for op in ops)
 
 
@@ -1053,11 +1067,11 @@ def _space_kernels(ops: list[Op], sms: int) -> int:
     to fill the GPU; a row reduction too, when it leaves fewer than 2 per SM and is long."""
     inner = outer = 0
     for op in ops:
-        for outputs, length, is_inner, count in op.reductions or ():
-            if is_inner:
-                inner += 2 if outputs < 2 * sms and length > _a("split_row_reduction_min") else 1
-            elif outputs < _a("split_outputs_per_sm") * sms and length > 32:
-                outer += 1 + count  # the partial sums of all of them in one kernel, then each total
+        for r in op.reductions or ():
+            if r.inner:
+                inner += 2 if r.outputs < 2 * sms and r.length > _a("split_row_reduction_min") else 1
+            elif r.outputs < _a("split_outputs_per_sm") * sms and r.length > _MIN_SPLIT_LENGTH:
+                outer += 1 + r.count  # the partial sums of all of them in one kernel, then each total
             else:
                 outer += 1
     return (max(1, inner) if _has_own_work(ops) or not outer else 0) + outer
@@ -1092,7 +1106,7 @@ def _loops_of_run(run: list[Op], trace: Trace) -> list[list[Op]]:
                 # end of the reduction's kernel
                 reads = {uid for op in g for uid in op.reads}
                 reader = next((h for h in loops if h is not g and any(
-                    _same_space(r[0], g[0].space or 0) and not r[2] and reads & set(op.writes)
+                    _same_space(r.outputs, g[0].space or 0) and not r.inner and reads & set(op.writes)
                     for op in h for r in op.reductions or ())), None)
             if reader is not None:
                 reader.extend(g)
@@ -1134,11 +1148,11 @@ def _loop_bytes(loop: list[Op], trace: Trace, end: int, read_elsewhere: set[int]
     # again (a norm's backward: the gradient and the input, for the weight's gradient)
     again = 0
     if _has_own_work(loop):
-        again = sum(sum(op.reads.values()) for op in loop if any(not r[2] for r in op.reductions or ()))
+        again = sum(sum(op.reads.values()) for op in loop if any(not r.inner for r in op.reductions or ()))
     return sum(external.values()) + stored + again
 
 
-def _fused_groups(ops: list[Op], trace: Trace, sms: int = 132) -> list[dict]:
+def _fused_groups(ops: list[Op], trace: Trace, sms: int) -> list[dict]:
     """Inductor's fusion, as ASSUMPTIONS['compiled_fusion'] states it, over one compiled region: the
     library kernels ({"op": ...}) and the fused loops ({"bytes", "kernels"}) in order."""
     items, run = [], []
@@ -1232,8 +1246,11 @@ def _scaler_ops(trace: Trace) -> list[Op]:
 
 def step_cost(trace: Trace, tcfg, chip: dict, mode: str, inductor: dict | None = None) -> dict:
     """Seconds of one optimizer step: micro-batch 0, the others like micro-batch 1, the tail, the host.
-    ``inductor``: see ``price``."""
+    ``inductor``: see ``price``; for a step of one micro-batch only (see ``inductor_nodes_for``)."""
     A = tcfg.grad_accum_steps
+    if inductor is not None and A != 1:
+        raise ValueError(f"Inductor's nodes price a step of one micro-batch, not {A}: the later ones add their "
+                         "gradients outside the compiled graph, which the nodes do not hold.")
     micro_regions = ("forward", "backward", "glue")
     parts = [price(trace, chip, mode, 0, micro_regions, inductor)]
     if A > 1:
@@ -1466,25 +1483,36 @@ def h100_checks() -> list[dict]:
     return checks
 
 
-def inductor_nodes_for(records: list[dict], mcfg, batch_size: int, block_size: int, loss_chunk: int,
-                       chip_name: str) -> tuple[dict | None, str]:
-    """Inductor's nodes per region ({"forward": [...], "backward": [...]}) from the first record of
-    ``bench/inductor_groups.py`` that compiled this model at this micro-batch for this chip, and a note;
-    (None, "") when none did. Dropout may differ: a CPU build takes attention's math path under dropout,
-    so the stand-in lowers the model without it (the note says so)."""
+def inductor_nodes_for(records: list[dict], mcfg, tcfg, dtype: str, chip_name: str) -> tuple[dict | None, str]:
+    """Inductor's nodes per region ({"forward": [...], "backward": [...]}) from the record of
+    ``bench/inductor_groups.py`` that compiled this model at this micro-batch, loss chunk and autocast
+    dtype for this chip, and a note; (None, "") when none did. Dropout may differ, with a note: a CPU
+    build takes attention's math path under dropout, so the stand-in lowers the model without it. An
+    exact match wins; two equally good ones are refused, since they may be different code. Only a
+    step of one micro-batch: later micro-batches add their gradients outside the compiled graph,
+    which the records do not hold."""
     import dataclasses
 
+    if tcfg.grad_accum_steps != 1:
+        return None, ""
     want = dataclasses.asdict(mcfg)
-    for r in records:
-        have = r["model_config"]
-        if ({k: v for k, v in have.items() if k != "dropout"} != {k: v for k, v in want.items() if k != "dropout"}
-                or (r["micro_batch"], r["block_size"], r["loss_chunk"], r["chip"])
-                != (batch_size, block_size, loss_chunk, chip_name)):
-            continue
-        note = "" if have["dropout"] == want["dropout"] else (
-            f"Inductor's kernels of the model at dropout {have['dropout']}, not {want['dropout']}")
-        return {g["region"]: g["nodes"] for g in r["graphs"]}, note
-    return None, ""
+    same = lambda have: {k: v for k, v in have.items() if k != "dropout"} == {  # noqa: E731
+        k: v for k, v in want.items() if k != "dropout"}
+    found = [r for r in records if same(r["model_config"])
+             and (r["micro_batch"], r["block_size"], r["loss_chunk"], r["chip"])
+             == (tcfg.batch_size, tcfg.block_size, tcfg.loss_chunk, chip_name)
+             and r.get("dtype", r.get("overrides", {}).get("dtype")) == dtype]  # older records: in overrides
+    exact = [r for r in found if r["model_config"]["dropout"] == want["dropout"]]
+    best = exact or found
+    if len(best) > 1:
+        raise SystemExit(f"{len(best)} records of bench/inductor_groups.py match the same figure "
+                         f"({tcfg.batch_size} windows, loss chunk {tcfg.loss_chunk}, {chip_name}): pass one.")
+    if not best:
+        return None, ""
+    r = best[0]
+    note = "" if exact else (f"Inductor's kernels of the model at dropout {r['model_config']['dropout']}, "
+                             f"not {want['dropout']}")
+    return {g["region"]: g["nodes"] for g in r["graphs"]}, note
 
 
 def gpu_run_checks(run_dir: str | Path, inductor: list[dict] = ()) -> dict:
@@ -1515,7 +1543,7 @@ def gpu_run_checks(run_dir: str | Path, inductor: list[dict] = ()) -> dict:
     def add_compiled(what, measured, trace, mcfg, tcfg):
         """A compiled figure, and again with Inductor's own kernels when a record has them."""
         add(what, measured, tcfg.tokens_per_step, step_cost(trace, tcfg, chip, "compiled"))
-        nodes, note = inductor_nodes_for(inductor, mcfg, tcfg.batch_size, tcfg.block_size, tcfg.loss_chunk, chip_name)
+        nodes, note = inductor_nodes_for(inductor, mcfg, tcfg, chip["amp"], chip_name)
         if nodes is not None:
             add(what + ", Inductor's kernels", measured, tcfg.tokens_per_step,
                 step_cost(trace, tcfg, chip, "compiled", nodes), note)
@@ -1556,29 +1584,39 @@ def gpu_run_checks(run_dir: str | Path, inductor: list[dict] = ()) -> dict:
                 price(trace_decode_step(pm), chip, "eager"),
                 f"measured: {r['new_tokens']} tokens including the prefill and window hops; projected: the "
                 "steady cached step")
-            checks[-1]["host_fit"] = True  # almost all launch overhead: this machine's host speed
+            checks[-1]["launch_fit"] = True  # almost all launch overhead: this machine's CPU speed
     return {"run": str(run_dir), "gpu": gpu, "chip": chip_name, "date": train["machine"]["date"], "checks": checks}
 
 
+def _measured_s(check: dict) -> float:
+    return check["units"] / (sum(check["measured"]) / len(check["measured"]))
+
+
+def _launch_factor(decode: dict) -> float:
+    """The factor on launch overhead that reproduces a decoding figure, which is almost all launch
+    overhead (its little GPU time taken as projected)."""
+    return (_measured_s(decode) - decode["gpu_s"] - decode["host_s"]) / decode["cpu_s"]
+
+
 def fit_calibration(checks: list[dict]) -> tuple[float, float]:
-    """(GPU, CPU) factors: the CPU one from the decode figure (almost all launch overhead), then the GPU
-    one from eager training, so that both are reproduced exactly."""
+    """(GPU, CPU) factors: the CPU one from the decode figure, then the GPU one from eager training,
+    so that both are reproduced exactly."""
     by = {c["what"]: c for c in checks}
     dec, train = by[CALIBRATION_FIT["cpu"]], by[CALIBRATION_FIT["gpu"]]
-    measured_s = lambda c: c["units"] / (sum(c["measured"]) / len(c["measured"]))  # noqa: E731
-    f_cpu = (measured_s(dec) - dec["gpu_s"] - dec["host_s"]) / dec["cpu_s"]
-    f_gpu = (measured_s(train) - f_cpu * train["cpu_s"] - train["host_s"]) / train["gpu_s"]
+    f_cpu = _launch_factor(dec)
+    f_gpu = (_measured_s(train) - f_cpu * train["cpu_s"] - train["host_s"]) / train["gpu_s"]
     return f_gpu, f_cpu
 
 
-def host_factor(checks: list[dict], gpu_factor: float) -> float | None:
-    """The CPU factor refitted on a run's own decoding figure (``host_fit``), the GPU one kept: the
-    launch overhead of the machine that ran it, whose host CPU need not be the H100 machine's."""
-    dec = next((c for c in checks if c.get("host_fit")), None)
-    if dec is None:
+def run_launch_factor(checks: list[dict]) -> float | None:
+    """The CPU factor refitted on a recorded run's own decoding figure (the check marked ``launch_fit``):
+    the launch overhead of the machine that ran it, whose CPU need not be the H100 machine's. None
+    without such a figure, or when it leaves no launch overhead to scale."""
+    dec = next((c for c in checks if c.get("launch_fit")), None)
+    if dec is None or dec["cpu_s"] <= 0:
         return None
-    measured_s = dec["units"] / (sum(dec["measured"]) / len(dec["measured"]))
-    return (measured_s - gpu_factor * dec["gpu_s"] - dec["host_s"]) / dec["cpu_s"]
+    factor = _launch_factor(dec)
+    return factor if factor > 0 else None
 
 
 def validation_rows(checks: list[dict], factors: tuple[float, float] | None) -> list[dict]:
@@ -1801,21 +1839,21 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         run = gpu_run_checks(run_dir, inductor)
         rows = validation_rows(run["checks"], factors)
-        host = host_factor(run["checks"], factors[0]) if factors else None
-        if host is not None:  # the same figures with this machine's own launch overhead
-            for r, h in zip(rows, validation_rows(run["checks"], (factors[0], host))):
-                r["host_calibrated"], r["host_calibrated_error_pct"] = h["calibrated"], h["calibrated_error_pct"]
+        launch = run_launch_factor(run["checks"]) if factors else None
+        if launch is not None:  # the same figures with this machine's own launch overhead
+            for r, h in zip(rows, validation_rows(run["checks"], (factors[0], launch))):
+                r["run_calibrated"], r["run_calibrated_error_pct"] = h["calibrated"], h["calibrated_error_pct"]
         result.setdefault("validation", []).append({**{k: run[k] for k in ("run", "gpu", "chip", "date")},
-                                                     "host_cpu_factor": host, "rows": rows})
+                                                     "run_cpu_factor": launch, "rows": rows})
         print(f"checked against {run_dir} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         print(f"\n### check against the {run['gpu']} run of {run['date'][:10]} ({run_dir})\n")
-        refit = f" | this host (CPU x {host:.2f}) | error" if host is not None else ""
+        refit = f" | this host (CPU x {launch:.2f}) | error" if launch is not None else ""
         print(f"| figure | measured tok/s | projected tok/s | error | calibrated tok/s | error{refit} |")
         print("|---|---|---|---|---|---|" + ("---|---|" if refit else ""))
         for r in rows:
             cal = (f"{r['calibrated']:,.0f} | {r['calibrated_error_pct']:+.0f}%" if factors else "n/a | n/a")
             if refit:
-                cal += f" | {r['host_calibrated']:,.0f} | {r['host_calibrated_error_pct']:+.0f}%"
+                cal += f" | {r['run_calibrated']:,.0f} | {r['run_calibrated_error_pct']:+.0f}%"
             print(f"| {r['what']} | {r['measured'][0]:,.0f} | {r['projected']:,.0f} | {r['error_pct']:+.0f}% | {cal} |")
 
     for item in args.measured_tok_s:

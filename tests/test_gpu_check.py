@@ -117,10 +117,13 @@ def test_inductor_lowered_for_a_stand_in_gpu_agrees_with_the_projections_fusion_
     import inductor_groups
 
     out = tmp_path / "f.json"
+    with pytest.raises(SystemExit, match="dropout=0.1: a CPU build runs attention with dropout by its math path"):
+        inductor_groups.main(["--device", "cpu", "--as-gpu", "H100", "--out", str(out), "--set", "dropout=0.1"])
+    # dtype left to "auto": the stand-in takes the chip's autocast dtype, not the CPU's fp32
     assert inductor_groups.main(["--device", "cpu", "--as-gpu", "H100", "--micro-batch", "8", "--out", str(out),
-                                 "--set", "dtype=bfloat16", "n_layer=2", "n_head=2", "n_embd=128"]) == 0
+                                 "--set", "n_layer=2", "n_head=2", "n_embd=128"]) == 0
     res = json.loads(out.read_text())
-    assert res["chip"] == "H100" and res["scheduler"] == "triton, H100 stand-in"
+    assert res["chip"] == "H100" and res["scheduler"] == "triton, H100 stand-in" and res["dtype"] == "bfloat16"
     for g in res["graphs"]:
         ind, proj = g["inductor"], g["projection"]
         assert ind["extern"] == proj["extern"], g["region"]  # cuBLAS and flash attention, one call each

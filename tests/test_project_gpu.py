@@ -299,39 +299,46 @@ def test_the_benchmarks_mfu_counts_the_flops_the_projection_counts(preset):
     assert common.flops_per_token(slm_utils.GPT(mcfg), mcfg.block_size) == expected
 
 
-def test_a_compiled_figure_can_be_priced_with_inductors_own_kernels(train_trace, tmp_path):
+def test_a_compiled_figure_can_be_priced_with_inductors_own_kernels(tmp_path):
     """With a record of bench/inductor_groups.py, the compiled forward and backward are priced from
     Inductor's generated kernels (their count and bytes) instead of the fused groups; the matmuls and
-    attention stay the traced ops. A record of another model or micro-batch is not used."""
-    mcfg, tcfg, trace = train_trace
+    attention stay the traced ops. Only an exact record is used, and only for one micro-batch a step."""
+    mcfg, tcfg = small_config(), small_train_config()
+    trace = pg.trace_train_step(mcfg, tcfg)
     chip = pg.CHIPS["H100"]
+    bandwidth = chip["bandwidth_gbs"] * 1e9 * chip["bandwidth_efficiency"]
     plain = pg.step_cost(trace, tcfg, chip, "compiled")
     nodes = {region: [{"kind": "SchedulerNode", "name": f"k{i}", "bytes": 10**6} for i in range(100)]
              + [{"kind": "ExternKernelSchedulerNode", "name": "mm", "bytes": 10**9},
                 {"kind": "MultiOutput", "name": "out", "bytes": 0}] for region in ("forward", "backward")}
     priced = pg.step_cost(trace, tcfg, chip, "compiled", nodes)
+    groups = [it for r in ("forward", "backward") for it in pg._fused_groups(
+        [op for op in trace.ops if op.region == r and op.micro == 0], trace, chip["sms"]) if "op" not in it]
+    # only the generated kernels replace the groups; library calls are neither counted twice nor dropped
+    assert priced["kernels"] - plain["kernels"] == 200 - sum(g["kernels"] for g in groups)
+    assert priced["gpu_s"] - plain["gpu_s"] == pytest.approx((2 * 100 * 10**6 - sum(g["bytes"] for g in groups))
+                                                             / bandwidth)
+    with pytest.raises(ValueError, match="one micro-batch, not 2"):
+        accum = small_train_config(grad_accum_steps=2)
+        pg.step_cost(pg.trace_train_step(mcfg, accum), accum, chip, "compiled", nodes)
 
-    def group_kernels(micro):  # the fused groups' kernels of one micro-batch, forward and backward
-        return sum(it["kernels"] for r in ("forward", "backward") for it in pg._fused_groups(
-            [op for op in trace.ops if op.region == r and op.micro == micro], trace, chip["sms"]) if "op" not in it)
+    def record(cfg=mcfg, **fields):
+        return {"model_config": dataclasses.asdict(cfg), "micro_batch": tcfg.batch_size, "block_size": tcfg.block_size,
+                "loss_chunk": tcfg.loss_chunk, "chip": "H100", "dtype": "bfloat16",
+                "graphs": [{"region": r, "nodes": nodes[r]} for r in ("forward", "backward")], **fields}
 
-    A = tcfg.grad_accum_steps
-    # only the generated kernels replace the groups, in every micro-batch; library calls are not counted twice
-    assert priced["kernels"] - plain["kernels"] == (200 - group_kernels(0)) + (A - 1) * (200 - group_kernels(1))
-    assert priced["gpu_s"] != plain["gpu_s"]
-
-    record = {"model_config": dataclasses.asdict(mcfg), "micro_batch": tcfg.batch_size, "block_size": tcfg.block_size,
-              "loss_chunk": tcfg.loss_chunk, "chip": "H100",
-              "graphs": [{"region": r, "nodes": nodes[r]} for r in ("forward", "backward")]}
-    found, note = pg.inductor_nodes_for([record], mcfg, tcfg.batch_size, tcfg.block_size, tcfg.loss_chunk, "H100")
-    assert found == nodes and note == ""
-    other = dataclasses.replace(mcfg, dropout=0.0 if mcfg.dropout else 0.1)
-    assert pg.inductor_nodes_for([record], other, tcfg.batch_size, tcfg.block_size, 0, "H100")[1].startswith(
-        "Inductor's kernels of the model at dropout")  # dropout may differ, and the note says so
-    assert pg.inductor_nodes_for([record], mcfg, 2 * tcfg.batch_size, tcfg.block_size, 0, "H100")[0] is None
-    assert pg.inductor_nodes_for([record], mcfg, tcfg.batch_size, tcfg.block_size, 0, "T4")[0] is None
-    assert pg.inductor_nodes_for([record], dataclasses.replace(mcfg, n_layer=mcfg.n_layer + 1), tcfg.batch_size,
-                                 tcfg.block_size, 0, "H100")[0] is None
+    find = lambda records, cfg=mcfg, t=tcfg, dtype="bfloat16", chip="H100": pg.inductor_nodes_for(  # noqa: E731
+        records, cfg, t, dtype, chip)
+    assert find([record()]) == (nodes, "")
+    other = dataclasses.replace(mcfg, dropout=0.1)
+    assert find([record()], other)[1] == "Inductor's kernels of the model at dropout 0.0, not 0.1"
+    assert find([record(other), record()])[1] == ""  # the exact record wins over one listed before it
+    for miss in (dict(cfg=dataclasses.replace(mcfg, n_layer=3)), dict(t=small_train_config(batch_size=8)),
+                 dict(t=small_train_config(loss_chunk=64)), dict(dtype="float16"), dict(chip="T4"),
+                 dict(t=small_train_config(grad_accum_steps=2))):
+        assert find([record()], **miss) == (None, "")
+    with pytest.raises(SystemExit, match="2 records of bench/inductor_groups.py match"):
+        find([record(), record()])
     with pytest.raises(SystemExit, match="give --validate RUN_DIR too"):
         pg.main(["--presets", "cpu", "--chips", "T4", "--no-calibration", "--sweep", "--fused-loss", "--muon-stack",
                  "--inductor", str(tmp_path / "x.json"), "--out", str(tmp_path / "p.json")])
