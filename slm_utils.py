@@ -925,9 +925,12 @@ class CausalSelfAttention(nn.Module):
             if past and T > 1:
                 raise ConfigError("KVCache takes a prompt into an empty cache, then one token at a time. "
                                   "Fix: reset() the cache before a new prompt.")
+            # Causal when nothing is cached and no mask is given; a lone query (T = 1) gives the same
+            # either way. (Asking "T > 1" too would, under torch.compile with a varying window length,
+            # hand SDPA a symbolic bool it refuses: a graph break in every layer.)
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=visible, dropout_p=self.dropout if self.training else 0.0,
-                is_causal=(past == 0 and T > 1))
+                is_causal=past == 0 and visible is None)
         else:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, past + T), or (B, nh, 1, T_max)
             # query i (at absolute position past + i) may see keys 0 .. past + i
@@ -1011,13 +1014,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # The whole padded width is used: its multiple-of-64 rows are what keeps the matmuls fast
         mm_dtype = (x[:1] @ weight[:1].t()).dtype
         w, xm = weight.to(mm_dtype), x.to(mm_dtype)  # (Vp, C), (N, C)
-        rows = torch.arange(min(chunk, x.size(0)), device=x.device)  # each row's own target column
         # Eagerly, each chunk is worked on in place: no second (n, Vp) tensor. Under torch.compile the
         # same values are made out of place, which Inductor fuses into one kernel per chunk (the
         # logits read once, the gradient written once); the in-place writes would make it keep fp32
         # copies of each chunk (BENCHMARKS.md section 8).
         compiled = torch.compiler.is_compiling()
-        cols = torch.arange(weight.size(0), device=x.device) if compiled else None  # (Vp,) column ids
+        if compiled:
+            cols = torch.arange(weight.size(0), device=x.device)  # (Vp,) column ids
+        else:
+            rows = torch.arange(min(chunk, x.size(0)), device=x.device)  # each row's own target column
         for s in range(0, x.size(0), chunk):
             xc, yc, kc = xm[s:s + chunk], targets[s:s + chunk].clamp(min=0), keep[s:s + chunk, None]
             z = xc @ w.t()  # (n, Vp) logits in the matmul dtype
