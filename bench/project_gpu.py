@@ -974,7 +974,7 @@ def trace_train_step(mcfg, tcfg, fused: bool | None = None, amp: bool = True) ->
     n_tensors = len({id(p) for p in model.parameters()})
     return Trace(rec.ops, rec.peak_bytes, static=weights + opt_state + batch, saved=sum(rec.saved.values()),
                  weights=weights, grads=grads, optimizer_state=opt_state, checkpoint_bytes=weights + opt_state,
-                 param_tensors=n_tensors, micro_batches=len(batches))
+                 param_tensors=n_tensors, micro_batches=len(batches), vocab=(mcfg.padded_vocab_size, mcfg.n_embd))
 
 
 def trace_eval_batch(mcfg, tcfg) -> Trace:
@@ -1031,8 +1031,35 @@ def _gpu_seconds(op: Op, chip: dict) -> float:
     return max(op.flops / peak, memory)
 
 
-def _eager(ops: list[Op], chip: dict) -> tuple[float, float, int]:
-    """(GPU seconds, CPU overhead seconds, kernels) of ops run eagerly."""
+# What a step's GPU time is spent on (``price``'s ``tally``): where MFU is lost when launches cost nothing
+GPU_TIME_KINDS = ("matmul", "attention", "logits", "other", "optimizer", "tail")
+
+
+def _time_kind(op: Op, vocab: tuple[int, int] = (0, 0)) -> str:
+    """The GPU_TIME_KINDS entry of an op: the optimizer and the step's tail (clipping, the loss's
+    .item(), GradScaler) by region; in the forward, the backward and between micro-batches, matmuls
+    and attention by kind; every other kernel over a loop of whole rows of the logits (``vocab``: see
+    ``_over_logits``) as 'logits' (the softmax, the loss, their gradients, the logits' casts); the
+    rest (elementwise work, norms, the embedding) as 'other'."""
+    if op.region in ("optimizer", "tail"):
+        return op.region
+    if op.kind in ("matmul", "attention"):
+        return op.kind
+    return "logits" if _over_logits(op.space, vocab) else "other"
+
+
+def _over_logits(space: int | None, vocab: tuple[int, int]) -> bool:
+    """Whether a loop of ``space`` elements runs over whole rows of the logits. ``vocab``: (padded
+    vocabulary, width). A loop of exactly vocabulary x width elements is the head's weight (its cast,
+    its gradient), not logits; a chunk of exactly ``width`` rows would count as a weight too."""
+    v, width = vocab
+    return bool(v and space and space % v == 0 and space != v * width)
+
+
+def _eager(ops: list[Op], chip: dict, tally: dict | None = None,
+           vocab: tuple[int, int] = (0, 0)) -> tuple[float, float, int]:
+    """(GPU seconds, CPU overhead seconds, kernels) of ops run eagerly; ``tally`` (if given) adds each
+    op's GPU seconds under its ``_time_kind`` (``vocab``: as in ``_over_logits``)."""
     gpu = cpu = 0.0
     kernels = 0
     for op in ops:
@@ -1040,6 +1067,9 @@ def _eager(ops: list[Op], chip: dict) -> tuple[float, float, int]:
             cpu += _a("eager_view_us") * 1e-6
             continue
         gpu += _gpu_seconds(op, chip)
+        if tally is not None:
+            kind = _time_kind(op, vocab)
+            tally[kind] = tally.get(kind, 0.0) + _gpu_seconds(op, chip)
         cpu += (_a("eager_op_us") + _a("eager_extra_launch_us") * (op.launches - 1)) * 1e-6
         if op.kind == "sync":
             cpu += _a("sync_us") * 1e-6
@@ -1165,7 +1195,7 @@ def _fused_groups(ops: list[Op], trace: Trace, sms: int) -> list[dict]:
         for i, loop in enumerate(loops):
             elsewhere = set().union(*(r for j, r in enumerate(reads_of) if j != i))
             items.append({"bytes": _loop_bytes(loop, trace, run[-1].index, elsewhere),
-                          "kernels": _space_kernels(loop, sms)})
+                          "kernels": _space_kernels(loop, sms), "space": max(op.space or 0 for op in loop)})
         run.clear()
 
     for op in ops:
@@ -1186,37 +1216,46 @@ def _fused_groups(ops: list[Op], trace: Trace, sms: int) -> list[dict]:
 INDUCTOR_NOT_GENERATED = ("ExternKernelSchedulerNode", "NopKernelSchedulerNode", "MultiOutput")
 
 
-def _compiled(ops: list[Op], chip: dict, trace: Trace, nodes: list[dict] | None = None) -> tuple[float, float, int]:
+def _compiled(ops: list[Op], chip: dict, trace: Trace, nodes: list[dict] | None = None,
+              tally: dict | None = None) -> tuple[float, float, int]:
     """(GPU seconds, CPU overhead seconds, kernels) of one compiled region (a forward or a backward).
     ``nodes``: Inductor's own scheduler nodes for this region (``bench/inductor_groups.py``), priced in
-    place of the fused groups of ASSUMPTIONS['compiled_fusion']; matmuls and attention stay the traced ops."""
+    place of the fused groups of ASSUMPTIONS['compiled_fusion']; matmuls and attention stay the traced ops.
+    ``tally``: as in ``_eager``; a fused group counts by its loop's size, and Inductor's nodes as 'other'."""
     gpu, cpu, kernels = 0.0, _a("compiled_graph_call_us") * 1e-6, 0
+    tally = {} if tally is None else tally
+    vocab = trace.info.get("vocab", (0, 0))
     bandwidth = chip["bandwidth_gbs"] * 1e9 * chip["bandwidth_efficiency"]
     for item in _fused_groups(ops, trace, chip["sms"]):
         if "op" in item:
             op = item["op"]
-            gpu += _gpu_seconds(op, chip)
+            seconds, kind = _gpu_seconds(op, chip), _time_kind(op, vocab)
             n = op.launches
         elif nodes is not None:
             continue
         else:
-            gpu += item["bytes"] / bandwidth
+            seconds, kind = item["bytes"] / bandwidth, "logits" if _over_logits(item["space"], vocab) else "other"
             n = item["kernels"]
+        gpu += seconds
+        tally[kind] = tally.get(kind, 0.0) + seconds
         cpu += _a("compiled_kernel_us") * 1e-6 * n
         kernels += n
     if nodes is not None:
         generated = [n for n in nodes if n["kind"] not in INDUCTOR_NOT_GENERATED]
-        gpu += sum(n["bytes"] for n in generated) / bandwidth
+        seconds = sum(n["bytes"] for n in generated) / bandwidth
+        gpu += seconds
+        tally["other"] = tally.get("other", 0.0) + seconds
         cpu += _a("compiled_kernel_us") * 1e-6 * len(generated)
         kernels += len(generated)
     return gpu, cpu, kernels
 
 
 def price(trace: Trace, chip: dict, mode: str, micro: int | None = None, regions=None,
-          inductor: dict | None = None) -> dict:
+          inductor: dict | None = None, tally: dict | None = None) -> dict:
     """GPU time, CPU overhead and kernels of (part of) a trace: forward and backward compiled in
     'compiled' mode, everything else eager. ``inductor``: Inductor's nodes per region ({"forward": [...],
-    "backward": [...]}, the same for every micro-batch: one compiled graph serves them all)."""
+    "backward": [...]}, the same for every micro-batch: one compiled graph serves them all). ``tally``
+    (if given) adds the GPU seconds by GPU_TIME_KINDS."""
     ops = trace.select(regions, micro)
     gpu = cpu = 0.0
     kernels = 0
@@ -1224,10 +1263,10 @@ def price(trace: Trace, chip: dict, mode: str, micro: int | None = None, regions
         for region in ("forward", "backward"):
             for m in sorted({op.micro for op in ops if op.region == region}):
                 part = [op for op in ops if op.region == region and op.micro == m]
-                g, c, k = _compiled(part, chip, trace, (inductor or {}).get(region))
+                g, c, k = _compiled(part, chip, trace, (inductor or {}).get(region), tally)
                 gpu, cpu, kernels = gpu + g, cpu + c, kernels + k
         ops = [op for op in ops if op.region not in ("forward", "backward")]
-    g, c, k = _eager(ops, chip)
+    g, c, k = _eager(ops, chip, tally, trace.info.get("vocab", (0, 0)))
     return {"gpu_s": gpu + g, "cpu_s": cpu + c, "kernels": kernels + k}
 
 
@@ -1252,19 +1291,23 @@ def step_cost(trace: Trace, tcfg, chip: dict, mode: str, inductor: dict | None =
         raise ValueError(f"Inductor's nodes price a step of one micro-batch, not {A}: the later ones add their "
                          "gradients outside the compiled graph, which the nodes do not hold.")
     micro_regions = ("forward", "backward", "glue")
-    parts = [price(trace, chip, mode, 0, micro_regions, inductor)]
+    by_kind = dict.fromkeys(GPU_TIME_KINDS, 0.0)
+    parts = [price(trace, chip, mode, 0, micro_regions, inductor, by_kind)]
     if A > 1:
-        other = price(trace, chip, mode, 1, micro_regions, inductor)
+        later = dict.fromkeys(GPU_TIME_KINDS, 0.0)
+        other = price(trace, chip, mode, 1, micro_regions, inductor, later)
         parts.append({k: v * (A - 1) for k, v in other.items()})
-    parts.append(price(trace, chip, mode, None, ("tail", "optimizer")))
+        for kind, seconds in later.items():
+            by_kind[kind] += seconds * (A - 1)
+    parts.append(price(trace, chip, mode, None, ("tail", "optimizer"), tally=by_kind))
     if chip["amp"] == "float16":
-        parts.append(dict(zip(("gpu_s", "cpu_s", "kernels"), _eager(_scaler_ops(trace), chip))))
+        parts.append(dict(zip(("gpu_s", "cpu_s", "kernels"), _eager(_scaler_ops(trace), chip, by_kind))))
     gpu = sum(p["gpu_s"] for p in parts)
     cpu = sum(p["cpu_s"] for p in parts)
     fixed, per_window = _a("host_batch_ms")
     host = (A * (fixed + per_window * tcfg.batch_size) + _a("host_step_ms")) / 1e3
     return {"step_s": gpu + cpu + host, "overlapped_s": max(gpu, cpu) + host, "gpu_s": gpu, "cpu_s": cpu,
-            "host_s": host, "kernels": sum(p["kernels"] for p in parts)}
+            "host_s": host, "kernels": sum(p["kernels"] for p in parts), "gpu_by_kind": by_kind}
 
 
 def peak_memory(trace: Trace) -> dict:
@@ -1431,6 +1474,38 @@ def muon_stack_levers(name: str, batches: list[int], chips: list[str],
                       factors: tuple[float, float] | None = None) -> dict:
     """The preset's Muon one matrix at a time ("off") and stacked by shape ("on", a GPU's default)."""
     return lever_rows(name, batches, "muon_stack", ["off", "on"], chips, factors)
+
+
+def mfu_ceiling(name: str, batches: list[int], chips: list[str], factors: tuple[float, float] | None = None,
+                loss_chunk: int = 4096) -> dict:
+    """How far MFU can go at a preset's model shape: one micro-batch of B windows per optimizer step,
+    compiled, Muon stacked, the head + loss fused in ``loss_chunk`` rows. Per chip: the step's MFU as
+    projected; the MFU with no launch overhead at all (the GPU's own time alone: what CUDA graphs over
+    the whole step could reach at best); and that GPU time split by GPU_TIME_KINDS. A batch other
+    than the preset's changes its recipe; this asks only what the hardware allows at the shape."""
+    import dataclasses
+
+    S = _slm()
+    mcfg, tcfg = S.preset(name)
+    rows = []
+    for B in batches:
+        cfg = dataclasses.replace(tcfg, batch_size=B, grad_accum_steps=1, loss_chunk=loss_chunk, muon_stack="on")
+        trace = trace_train_step(mcfg, cfg)
+        flops = model_info(mcfg, cfg.block_size)["model_flops_per_token"] * cfg.tokens_per_step
+        per_chip = {}
+        for c in chips:
+            peak = CHIPS[c]["tensor_tflops"] * 1e12
+            step = step_cost(trace, cfg, CHIPS[c], "compiled")
+            e = {"step_ms": step["step_s"] * 1e3, "gpu_ms": step["gpu_s"] * 1e3, "mfu": flops / step["step_s"] / peak,
+                 "gpu_only_mfu": flops / step["gpu_s"] / peak,
+                 "gpu_share": {k: v / step["gpu_s"] for k, v in step["gpu_by_kind"].items()}}
+            if factors:  # the GPU factor alone: no launch overhead is left to scale
+                e["mfu_calibrated"] = flops / _seconds(step, factors) / peak
+                e["gpu_only_mfu_calibrated"] = e["gpu_only_mfu"] / factors[0]
+            per_chip[c] = e
+        rows.append({"batch_size": B, "tokens_per_step": cfg.tokens_per_step, "peak_gib": peak_memory(trace)["peak_gib"],
+                     "chips": per_chip})
+    return {"preset": name, "loss_chunk": loss_chunk, "rows": rows}
 
 
 # What BENCHMARKS.md recorded on an H100 80GB HBM3 (sections 2 and 5, 2026-11-26, two runs each).
@@ -1714,6 +1789,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="chunk sizes of the fused head + loss to price against the plain one; none to skip")
     parser.add_argument("--muon-stack", nargs="*", type=int, default=[64, 128],
                         help="micro-batch sizes at which to price the 't4' preset's Muon stacked and not; none to skip")
+    parser.add_argument("--ceiling", nargs="*", type=int, default=[128, 256, 512],
+                        help="micro-batch sizes (one per step) at which to price the 't4' shape's MFU with and "
+                             "without launch overhead; none to skip")
     parser.add_argument("--no-calibration", action="store_true",
                         help="skip the H100 check and the calibration fitted on it")
     parser.add_argument("--validate", nargs="*", default=[], metavar="RUN_DIR",
@@ -1817,6 +1895,25 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {r['batch_size']} x {r['grad_accum_steps']} | {r['muon_stack']} | "
                   f"{r['tok_s'][kchip]['eager_kernels']:,} / {r['tok_s'][kchip]['compiled_kernels']:,} | "
                   + " | ".join(cells) + " |")
+
+    if args.ceiling:
+        t = time.perf_counter()
+        ceiling = mfu_ceiling("t4", args.ceiling, chips, factors)
+        result["mfu_ceiling"] = ceiling
+        print(f"traced the MFU ceiling in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        for c in [c for c in ("H100", "T4") if c in chips]:
+            print(f"\n### how far MFU can go on the {c}: the 't4' shape, one micro-batch per step, compiled, Muon "
+                  f"stacked, fused head + loss ({ceiling['loss_chunk']:,}-row chunks)\n")
+            cal = " (calibrated)" if factors else ""
+            print(f"| windows per step | step ms | MFU{cal} | MFU with no launch overhead{cal} | GPU time: "
+                  + " / ".join(GPU_TIME_KINDS) + " |")
+            print("|---|---|---|---|---|")
+            for r in ceiling["rows"]:
+                e = r["chips"][c]
+                mfu = f"{e['mfu']:.1%}" + (f" ({e['mfu_calibrated']:.1%})" if factors else "")
+                top = f"{e['gpu_only_mfu']:.1%}" + (f" ({e['gpu_only_mfu_calibrated']:.1%})" if factors else "")
+                share = " / ".join(f"{e['gpu_share'][k]:.0%}" for k in GPU_TIME_KINDS)
+                print(f"| {r['batch_size']} | {e['step_ms']:.1f} | {mfu} | {top} | {share} |")
 
     if factors:
         cal = result["calibration"]

@@ -109,6 +109,39 @@ def test_time_is_monotone_in_chip_speed_and_compile_helps(train_trace):
         assert eager["overlapped_s"] <= eager["step_s"]
 
 
+
+def test_gpu_time_by_kind_adds_up_to_the_gpu_time(train_trace):
+    _, tcfg, trace = train_trace  # two micro-batches: the later one counts once more
+    for chip in ("H100", "T4"):  # the T4's fp16 GradScaler adds its ops to the tail
+        for mode in ("eager", "compiled"):
+            step = pg.step_cost(trace, tcfg, pg.CHIPS[chip], mode)
+            by_kind = step["gpu_by_kind"]
+            assert set(by_kind) == set(pg.GPU_TIME_KINDS)
+            assert sum(by_kind.values()) == pytest.approx(step["gpu_s"], rel=1e-9)
+            assert all(by_kind[k] > 0 for k in ("matmul", "attention", "logits", "other", "optimizer", "tail"))
+
+
+def test_logits_are_loops_over_vocabulary_rows_not_the_heads_weight():
+    vocab = (512, 64)
+    assert pg._over_logits(128 * 512, vocab) and pg._over_logits(4096 * 512, vocab)
+    assert not pg._over_logits(512 * 64, vocab)  # the head's weight, its cast or its gradient
+    assert not pg._over_logits(100 * 64, vocab) and not pg._over_logits(0, vocab)  # not whole vocabulary rows
+
+
+def test_mfu_ceiling_has_no_launch_overhead_and_is_above_the_step(tmp_path):
+    out = tmp_path / "projection.json"
+    pg.main(["--presets", "smoke", "--chips", "H100", "--sweep", "--fused-loss", "--muon-stack", "--ceiling", "8",
+             "32", "--no-calibration", "--out", str(out)])
+    rows = json.loads(out.read_text())["mfu_ceiling"]["rows"]
+    assert [r["batch_size"] for r in rows] == [8, 32]
+    for r in rows:
+        e = r["chips"]["H100"]
+        assert e["mfu"] < e["gpu_only_mfu"] < 1  # the launches cost something; the GPU's own time is a bound
+        assert sum(e["gpu_share"].values()) == pytest.approx(1.0)
+    small, large = (r["chips"]["H100"] for r in rows)
+    assert large["mfu"] > small["mfu"]  # launch overhead weighs less on a bigger micro-batch
+    assert large["gpu_share"]["optimizer"] < small["gpu_share"]["optimizer"]  # the same optimizer, more tokens
+
 def test_decode_step_reads_the_weights_once():
     mcfg = small_config()
     trace = pg.trace_decode_step(mcfg)
@@ -134,7 +167,7 @@ def test_device_names_map_to_chips():
 
 def test_expected_time_reads_what_main_wrote(tmp_path):
     out = tmp_path / "projection.json"
-    pg.main(["--presets", "smoke", "--chips", "T4", "H100", "--sweep", "--no-calibration", "--out", str(out)])
+    pg.main(["--presets", "smoke", "--chips", "T4", "H100", "--sweep", "--ceiling", "--no-calibration", "--out", str(out)])
     data = json.loads(out.read_text())
     assert set(data["presets"]["smoke"]) == {"T4", "H100"}
     got = pg.expected_time("smoke", "Tesla T4", path=out)
