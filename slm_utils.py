@@ -1502,6 +1502,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite steps before training stops
     dtype: str = "auto"  # "auto" (by device), "float32", "bfloat16" or "float16"
     compile: bool = False  # torch.compile the model (GPU: faster after a warm-up)
+    cuda_graphs: bool = False  # with compile on CUDA: forward and backward replayed from CUDA graphs (one micro-batch)
     loss_chunk: int = 0  # >0: head + loss fused, this many rows at a time, no whole logits tensor (0: plain)
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"...
     seed: int = 1337  # seeds init, dropout and batch sampling
@@ -1544,6 +1545,17 @@ class TrainConfig:
             raise ConfigError(f"betas={self.betas} must be two numbers in [0, 1).")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError(f"grad_clip={self.grad_clip} and weight_decay={self.weight_decay} must be >= 0.")
+        if self.cuda_graphs and not self.compile:
+            raise ConfigError("cuda_graphs=True replays the graphs torch.compile builds. Fix: set compile=True too, "
+                              "or cuda_graphs=False.")
+        if self.cuda_graphs and self.grad_accum_steps > 1:
+            # the first micro-batch's gradients would live in the CUDA graphs' memory, which the next
+            # micro-batch's backward overwrites before they are added to (pytorch/pytorch#169545)
+            raise ConfigError(
+                f"cuda_graphs=True takes one micro-batch per optimizer step, not grad_accum_steps="
+                f"{self.grad_accum_steps}: a replayed backward would overwrite the gradients the micro-batch "
+                f"before it left. Fix: batch_size={self.batch_size * self.grad_accum_steps}, grad_accum_steps=1 "
+                "(the same step, if it fits in memory), or cuda_graphs=False.")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"dtype={self.dtype!r} must be 'auto', 'float32', 'bfloat16' or 'float16'.")
         if self.embedding_lr is not None and self.embedding_lr <= 0:
@@ -2089,9 +2101,9 @@ def _write_payload(payload: dict, targets: Sequence[Path]):
 # TrainConfig fields a resumed run may change: they leave the weights' path step for step as it was
 # (max_steps: a longer or shorter schedule, on purpose), or only say where and how to run and save.
 # batch_size and grad_accum_steps may change too while their product stays (load_checkpoint).
-RESUMABLE_CHANGES = ("max_steps", "out_dir", "device", "compile", "patience", "max_bad_steps", "eval_interval",
-                     "eval_batch_size", "best_weights_only", "last_every_s", "background_checkpoints", "loss_chunk",
-                     "muon_stack")
+RESUMABLE_CHANGES = ("max_steps", "out_dir", "device", "compile", "cuda_graphs", "patience", "max_bad_steps",
+                     "eval_interval", "eval_batch_size", "best_weights_only", "last_every_s", "background_checkpoints",
+                     "loss_chunk", "muon_stack")
 
 
 def _config_mismatch(saved: dict, current: dict, cls=None, allowed: Sequence[str] = ("dropout",)) -> list[str]:
@@ -2220,6 +2232,15 @@ def _all_gather(obj) -> list:
 # ---- the training loop ----------------------------------------------------------------
 
 
+def compile_for_training(model: nn.Module, cuda_graphs: bool = False) -> nn.Module:
+    """``torch.compile(model)`` as ``train()`` runs it. ``cuda_graphs=True`` (mode "reduce-overhead"):
+    after the first steps, each forward and backward is one CUDA-graph replay instead of hundreds of
+    kernel launches, which is what a small model on a fast GPU waits on. Only with one micro-batch
+    per step (see ``TrainConfig.cuda_graphs``) and ``zero_grad(set_to_none=True)``, as ``train_step``
+    does, so that no gradient outlives the replay that wrote it."""
+    return torch.compile(model, mode="reduce-overhead" if cuda_graphs else None)
+
+
 @dataclass
 class StepResult:
     loss: float  # mean training loss of the step's micro-batches
@@ -2324,10 +2345,13 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
             f"grad_accum_steps={cfg.grad_accum_steps} cannot be shared evenly by {world} processes. Fix: make "
             f"grad_accum_steps a multiple of {world} (the global batch stays batch_size x grad_accum_steps), "
             "or start a number of processes that divides it.")
+    device = _resolve_device(cfg.device)
+    if cfg.cuda_graphs and (device.type != "cuda" or world > 1):
+        raise ConfigError(f"cuda_graphs=True needs one process on a CUDA device; this run has {world} process(es) on "
+                          f"{device.type}. Fix: cuda_graphs=False (compile=True alone still fuses the kernels).")
     out_dir = Path(cfg.out_dir)
     ensure_writable(out_dir, f"checkpoints to out_dir={str(out_dir)!r}")
 
-    device = _resolve_device(cfg.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # init_distributed chose it by LOCAL_RANK
     dtype = _resolve_dtype(cfg, device)
@@ -2363,7 +2387,7 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
         history["stopped"] = ""
     elif resume:
         log.info("resume=True but no %s yet: starting from scratch.", last_path)
-    fwd = torch.compile(raw) if cfg.compile else raw
+    fwd = compile_for_training(raw, cfg.cuda_graphs) if cfg.compile else raw
     stepper = fwd
     if world > 1:  # gradients are averaged across processes inside backward
         stepper = nn.parallel.DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)

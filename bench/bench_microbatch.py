@@ -14,7 +14,9 @@ the projection's sweep (``bench/project_gpu.py``, BENCHMARKS.md section 8) and w
 
 ``--compiled MB:CHUNK,...`` adds ``torch.compile`` rows at those micro-batches, with the fused head
 + loss in chunks of CHUNK rows (0: the plain head). Their compile time is reported apart and not
-counted in tokens/s. Every row runs Muon as ``configure_optimizer`` sets it for the device (on a
+counted in tokens/s. ``--cuda-graphs MB:CHUNK,...`` adds compiled rows whose forward and backward are
+replayed from CUDA graphs (``TrainConfig.cuda_graphs``: one micro-batch per step, so MB = all the
+windows). Every row runs Muon as ``configure_optimizer`` sets it for the device (on a
 GPU: same-shape matrices stacked, ``TrainConfig.muon_stack``); ``--unstacked MB,MB:CHUNK,...``
 adds rows with Muon one matrix at a time (``MB``: eager; ``MB:CHUNK``: compiled), to measure it.
 """
@@ -53,7 +55,7 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 
 def make_step(preset: str, micro_batch: int, windows: int, device: torch.device, data_dir, *, compile: bool,
-              loss_chunk: int, tiny: bool, **overrides):
+              loss_chunk: int, tiny: bool, cuda_graphs: bool = False, **overrides):
     """(step, model, optimizer, train config): ``step()`` trains one optimizer step of ``windows``
     windows cut into micro-batches of ``micro_batch``, through ``slm_utils.train_step``."""
     if windows % micro_batch:
@@ -62,7 +64,7 @@ def make_step(preset: str, micro_batch: int, windows: int, device: torch.device,
     accum = windows // micro_batch
     shape = dict(n_layer=1, n_head=2, n_embd=32) if tiny else {}
     mcfg, tcfg = S.preset(preset, batch_size=micro_batch, grad_accum_steps=accum, device=str(device),
-                          **{**shape, **overrides})
+                          compile=compile, cuda_graphs=cuda_graphs, **{**shape, **overrides})
     torch.manual_seed(1234)
     model = S.GPT(mcfg).to(device)
     opt = S.configure_optimizer(model, tcfg, device.type)
@@ -70,7 +72,7 @@ def make_step(preset: str, micro_batch: int, windows: int, device: torch.device,
     scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))  # as train() has it
     if compile:
         torch._dynamo.reset()  # each row compiles its own model; no reuse of another row's graphs
-    fwd = torch.compile(model) if compile else model
+    fwd = S.compile_for_training(model, cuda_graphs) if compile else model
     gen = torch.Generator().manual_seed(1234)
     model.train()
 
@@ -83,10 +85,11 @@ def make_step(preset: str, micro_batch: int, windows: int, device: torch.device,
 
 
 def measure_row(preset: str, micro_batch: int, windows: int, device: torch.device, data_dir, *, compile: bool,
-                loss_chunk: int, warmup: int, steps: int, tiny: bool, peak_tflops: float, **overrides) -> dict:
+                loss_chunk: int, warmup: int, steps: int, tiny: bool, peak_tflops: float, cuda_graphs: bool = False,
+                **overrides) -> dict:
     """Time ``steps`` optimizer steps of ``windows`` windows cut into micro-batches of ``micro_batch``."""
     step, model, opt, tcfg = make_step(preset, micro_batch, windows, device, data_dir, compile=compile,
-                                       loss_chunk=loss_chunk, tiny=tiny, **overrides)
+                                       loss_chunk=loss_chunk, tiny=tiny, cuda_graphs=cuda_graphs, **overrides)
     muon = getattr(opt, "optimizers", {}).get("muon")
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -103,7 +106,7 @@ def measure_row(preset: str, micro_batch: int, windows: int, device: torch.devic
     fpt = common.flops_per_token(model, tcfg.block_size)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"micro_batch": micro_batch, "grad_accum_steps": tcfg.grad_accum_steps, "compiled": compile,
-            "loss_chunk": loss_chunk, "dtype": str(S._resolve_dtype(tcfg, device)).replace("torch.", ""),
+            "cuda_graphs": cuda_graphs, "loss_chunk": loss_chunk, "dtype": str(S._resolve_dtype(tcfg, device)).replace("torch.", ""),
             "optimizer": tcfg.optimizer, "muon_stacked": bool(muon and muon.stack), "tokens_per_step": tokens,
             "tokens_per_s": rate, "step_ms": st["median_s"] * 1e3, "step_ms_q1": st["q1_s"] * 1e3,
             "step_ms_q3": st["q3_s"] * 1e3, "timed_steps": st["n"], "warmup_s": warmup_s,
@@ -117,7 +120,8 @@ def markdown(res: dict) -> str:
         head = f"fused, {r['loss_chunk']:,}-row chunks" if r["loss_chunk"] else "plain"
         peak = f"{r['peak_allocated_gib']:.1f}" if r["peak_allocated_gib"] is not None else "n/a"
         muon = ("stacked" if r.get("muon_stacked") else "one matrix at a time") if r["optimizer"] == "muon" else "-"
-        lines.append(f"| {r['micro_batch']} x {r['grad_accum_steps']} | {'compiled' if r['compiled'] else 'eager'} | "
+        mode = ("compiled + CUDA graphs" if r.get("cuda_graphs") else "compiled") if r["compiled"] else "eager"
+        lines.append(f"| {r['micro_batch']} x {r['grad_accum_steps']} | {mode} | "
                      f"{head} | {muon} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} ({r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}) | "
                      f"{r['mfu']:.1%} | {peak} |")
     return "\n".join(lines)
@@ -127,6 +131,8 @@ def main(argv=None) -> int:
     p = common.step_script_parser(__doc__, overrides=False)
     p.add_argument("--micro-batches", type=_ints, default=[16, 32, 64, 128], help="eager rows, e.g. 16,32,64,128")
     p.add_argument("--compiled", type=_pairs, default=[], help="compiled rows as MB:CHUNK, e.g. 64:0,128:4096")
+    p.add_argument("--cuda-graphs", type=_pairs, default=[],
+                   help="compiled rows replayed from CUDA graphs, as MB:CHUNK (one micro-batch per step), e.g. 128:4096")
     p.add_argument("--unstacked", type=_pairs_or_eager, default=[],
                    help="rows with Muon one matrix at a time: MB (eager) or MB:CHUNK (compiled), e.g. 128,128:4096")
     p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps per row")
@@ -143,13 +149,15 @@ def main(argv=None) -> int:
         S.prepare_data("shakespeare", data_dir)
         plan = [(mb, False, tcfg.loss_chunk, {}) for mb in args.micro_batches] + \
                [(mb, True, chunk, {}) for mb, chunk in args.compiled] + \
+               [(mb, True, chunk, {"cuda_graphs": True}) for mb, chunk in args.cuda_graphs] + \
                [(mb, chunk is not None, chunk or 0, {"muon_stack": "off"}) for mb, chunk in args.unstacked]
         for mb, comp, chunk, overrides in plan:
             rows.append(measure_row(args.preset, mb, windows, device, data_dir, compile=comp, loss_chunk=chunk,
                                     warmup=args.warmup, steps=args.steps, tiny=args.tiny, peak_tflops=peak["tflops"],
                                     **overrides))
             r = rows[-1]
-            common.log(f"[microbatch] {mb} x {r['grad_accum_steps']}, {'compiled' if comp else 'eager'}, "
+            mode = ("compiled + CUDA graphs" if r["cuda_graphs"] else "compiled") if comp else "eager"
+            common.log(f"[microbatch] {mb} x {r['grad_accum_steps']}, {mode}, "
                        f"loss_chunk {chunk}, Muon {'stacked' if r['muon_stacked'] else 'unstacked'}: "
                        f"{r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.1%}, "
                        f"warm-up {r['warmup_s']:.1f} s, peak {r['peak_allocated_gib'] or 0:.1f} GiB")

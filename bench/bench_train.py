@@ -54,6 +54,7 @@ class Variant:
     pinned: bool = False  # pinned host memory + non_blocking copies
     dtype: str = "float32"  # autocast dtype
     compile: bool = False  # torch.compile
+    cuda_graphs: bool = False  # with compile: forward and backward replayed from CUDA graphs
     loss_chunk: int = 0  # >0: head + loss fused, this many rows at a time (slm_utils.fused_linear_cross_entropy)
 
     def describe(self) -> str:
@@ -61,7 +62,7 @@ class Variant:
             return f"plain reference, {self.dtype}"
         parts = [f"pad {self.pad}", "fused AdamW" if self.fused else "AdamW (not fused)",
                  "pinned loads" if self.pinned else "plain loads", self.dtype + (" + GradScaler" if self.dtype == "float16" else ""),
-                 "compiled" if self.compile else "eager"]
+                 ("compiled + CUDA graphs" if self.cuda_graphs else "compiled") if self.compile else "eager"]
         if self.loss_chunk:
             parts.append(f"fused head + loss ({self.loss_chunk}-row chunks)")
         return ", ".join(parts)
@@ -87,6 +88,8 @@ def default_variants(device: torch.device, levers: bool, grid_dtypes: list[str],
             alt, label = "bfloat16", "bf16 autocast"
         out.append(dataclasses.replace(base, name=f"{label} instead of {auto}", dtype=alt))
         out.append(dataclasses.replace(base, name="torch.compile on", compile=True))
+        if cuda:  # one micro-batch per step here, as TrainConfig.cuda_graphs requires
+            out.append(dataclasses.replace(base, name="torch.compile + CUDA graphs on", compile=True, cuda_graphs=True))
         out.append(dataclasses.replace(base, name="fused head + loss on", loss_chunk=FUSED_LOSS_CHUNK))
         if cuda:
             out.append(dataclasses.replace(base, name="fused head + loss on, compiled", compile=True,
@@ -146,7 +149,7 @@ class Contender:
         else:
             loader = _plain_loader(data_dir, batch_size, self.block_size, device, gen)
         scaler = torch.amp.GradScaler(device.type, enabled=(self.dtype == torch.float16))  # as train() has it
-        fwd = torch.compile(self.model) if v.compile else self.model
+        fwd = S.compile_for_training(self.model, v.cuda_graphs) if v.compile else self.model
         self.forward = fwd
         dtype, clip = self.dtype, tcfg.grad_clip
         state = {"step": 0}
@@ -201,7 +204,7 @@ def train_loop_check(v: Variant, shape: dict, data_dir, batch_size: int, device:
         cfg = S.TrainConfig(batch_size=batch_size, block_size=shape["block_size"], grad_accum_steps=1,
                             max_steps=warmup + steps + 1, warmup_steps=1, eval_interval=10**9,
                             eval_tokens=shape["block_size"], device=str(device), dtype=v.dtype, compile=v.compile,
-                            out_dir=out_dir)
+                            cuda_graphs=v.cuda_graphs, out_dir=out_dir)
 
         def callback(step, history):
             common.sync(device)

@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
 # The GPU check on one CUDA GPU; every figure lands as JSON in OUTDIR. Each step below has a time
-# limit; all of them add up to 1,440 s, so on a machine lent with a 10-minute limit per command
+# limit; all of them add up to 1,530 s, so on a machine lent with a 10-minute limit per command
 # run it in two parts (GPU_CHECK_STEPS, below; BENCHMARKS.md section 5 gives the two calls).
 #
 #   bash bench/gpu_check.sh OUTDIR
-#   GPU_CHECK_STEPS=tests,train,fused,decode,sweep bash bench/gpu_check.sh OUTDIR   # part A, at most 520 s
-#   GPU_CHECK_STEPS=profile,fusion bash bench/gpu_check.sh OUTDIR                    # at most 360 s, a call of its own
+#   GPU_CHECK_STEPS=train,fused,decode,sweep bash bench/gpu_check.sh OUTDIR         # part A, at most 460 s
+#   GPU_CHECK_STEPS=tests,profile,fusion bash bench/gpu_check.sh OUTDIR              # at most 510 s, a call of its own
 #   GPU_CHECK_STEPS=ttl,seed,notebook bash bench/gpu_check.sh OUTDIR            # part B, at most 560 s
 #
 # Steps (GPU_CHECK_STEPS names them; the default is all, in this order):
 # tests    The GPU code paths' unit tests (tests/test_cuda.py: fp16 + GradScaler, bf16 + compile,
-#          pinned loads, fused AdamW, KV cache, CUDA-graph decoding, padded vocabulary on the
-#          device). -> OUTDIR/test_cuda.log
+#          compile + CUDA graphs, pinned loads, fused AdamW, KV cache, CUDA-graph decoding, padded
+#          vocabulary on the device). -> OUTDIR/test_cuda.log
 # train    Training throughput at the seed's shape (6/6/384, vocab 50,257, block 128) with the "t4"
 #          preset's micro-batch (64 x 128 tokens): the plain reference, slm_utils with its GPU
 #          defaults, each lever switched off in turn (padded vocabulary, fused AdamW, pinned loads),
-#          and the fp16 (+ GradScaler) and bf16 paths with torch.compile off and on, and the fused
-#          head + loss (TrainConfig.loss_chunk, 4,096-row chunks) eager and compiled. Also the
+#          and the fp16 (+ GradScaler) and bf16 paths with torch.compile off and on, compile with CUDA
+#          graphs (TrainConfig.cuda_graphs), and the fused head + loss (TrainConfig.loss_chunk, 4,096-row
+#          chunks) eager and compiled. Also the
 #          evaluation share of compute and the derived T4 estimate. -> OUTDIR/train.json (+ summary.json, summary.md)
 # fused    The head + loss alone at 8,192 rows, plain against fused in chunks of 1,024 to 8,192
 #          rows: time and peak memory (bench/bench_fused_loss.py). -> OUTDIR/fused_loss.json
@@ -25,9 +26,9 @@
 #          (bench/bench_decode.py). -> OUTDIR/decode.json
 # sweep    The "t4" preset itself (Llama blocks, Muon, bf16) at 128 windows per optimizer step cut
 #          into micro-batches of 16, 32, 64 and 128, eager, and 128 x 1 compiled with the fused head +
-#          loss: tokens/s, MFU and peak memory (bench/bench_microbatch.py). Muon stacks same-shape
-#          matrices, its GPU default; 128 x 1 eager and compiled run again with Muon one matrix at a
-#          time, to measure that lever. -> OUTDIR/microbatch.json
+#          loss, without and with CUDA graphs: tokens/s, MFU and peak memory (bench/bench_microbatch.py).
+#          Muon stacks same-shape matrices, its GPU default; 128 x 1 eager and compiled run again with
+#          Muon one matrix at a time, to measure that lever. -> OUTDIR/microbatch.json
 # profile  Where a step's time goes: GPU kernel time against wall time, kernel launches, and the
 #          optimizer's share, eager and compiled, for the "t4" preset at 64 x 2 and for the GPT-2 +
 #          AdamW recipe (bench/profile_step.py). -> OUTDIR/profile{,_gpt2}.json
@@ -109,8 +110,8 @@ else
   NB_ARGS=(--preset t4 --max-steps 300)
   FUSED_ARGS=(--device cuda --rows 8192 --chunks 0,1024,2048,4096,8192)
   DECODE_ARGS=(--device cuda --new 512 --repeats 3)
-  SWEEP_ARGS=(--device cuda --micro-batches 16,32,64,128 --compiled 128:4096 --unstacked 128,128:4096
-              --warmup 3 --steps 6)
+  SWEEP_ARGS=(--device cuda --micro-batches 16,32,64,128 --compiled 128:4096 --cuda-graphs 128:4096
+              --unstacked 128,128:4096 --warmup 3 --steps 6)
   PROFILE_ARGS=(--device cuda --modes eager,compiled --warmup 3 --steps 5)
   FUSION_ARGS=(--device cuda)
   FUSION_T4=(--micro-batch 128 --loss-chunk 4096)  # the sweep's compiled 128 x 1 rows
@@ -131,10 +132,10 @@ step() {  # step NAME SECONDS LOG COMMAND...: run it under a time limit, log it,
 }
 
 if want tests; then  # in a dry run the GPU tests only report themselves skipped
-  step "GPU unit tests" 110 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+  step "GPU unit tests" 150 "$OUT/test_cuda.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 fi
 if want train; then
-  step "training throughput" 200 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
+  step "training throughput" 220 "$OUT/train.log" "$PY" bench/run.py --only train --out "$OUT" "${TRAIN_ARGS[@]}"
 fi
 if want fused; then
   step "fused head + loss alone" 30 "$OUT/fused_loss.log" \
@@ -145,7 +146,7 @@ if want decode; then
     "$PY" bench/bench_decode.py --out "$OUT/decode.json" "${DECODE_ARGS[@]}"
 fi
 if want sweep; then
-  step "micro-batch sweep of the t4 preset" 120 "$OUT/microbatch.log" \
+  step "micro-batch sweep of the t4 preset" 150 "$OUT/microbatch.log" \
     "$PY" bench/bench_microbatch.py --out "$OUT/microbatch.json" "${SWEEP_ARGS[@]}"
 fi
 if want profile; then

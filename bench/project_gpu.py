@@ -208,6 +208,14 @@ ASSUMPTIONS: dict[str, dict] = {
                            "why": "Per kernel of a torch.compile (Inductor) graph without CUDA graphs, the mode "
                                   "TrainConfig(compile=True) uses: the generated wrapper calls each Triton or cuBLAS "
                                   "kernel directly (launcher plus cudaLaunchKernel, a few us); views cost nothing."},
+    "cudagraph_replay_us": {"value": 30.0,
+                            "why": "Per compiled forward or backward under CUDA graphs (TrainConfig.cuda_graphs, "
+                                   "torch.compile's 'reduce-overhead'), in place of every kernel's launch: "
+                                   "cudaGraphLaunch plus the bookkeeping of PyTorch's CUDA-graph trees (copying the "
+                                   "batch into the graph's own input, checking which earlier outputs are alive). An "
+                                   "estimate, not measured. The kernels' GPU time is unchanged; the gaps of a few "
+                                   "hundred ns between the kernels of a graph are not counted. The optimizer and "
+                                   "the step's tail stay eager."},
     "compiled_graph_call_us": {"value": 50.0,
                                "why": "Per call of a compiled graph (forward, backward, evaluation forward): Dynamo's "
                                       "guards and AOTAutograd's runtime wrapper. An estimate, not measured."},
@@ -1253,17 +1261,21 @@ def _compiled(ops: list[Op], chip: dict, trace: Trace, nodes: list[dict] | None 
 def price(trace: Trace, chip: dict, mode: str, micro: int | None = None, regions=None,
           inductor: dict | None = None, tally: dict | None = None) -> dict:
     """GPU time, CPU overhead and kernels of (part of) a trace: forward and backward compiled in
-    'compiled' mode, everything else eager. ``inductor``: Inductor's nodes per region ({"forward": [...],
+    'compiled' mode, and also replayed from CUDA graphs in 'cuda_graphs' mode; everything else eager. ``inductor``: Inductor's nodes per region ({"forward": [...],
     "backward": [...]}, the same for every micro-batch: one compiled graph serves them all). ``tally``
     (if given) adds the GPU seconds by GPU_TIME_KINDS."""
     ops = trace.select(regions, micro)
     gpu = cpu = 0.0
     kernels = 0
-    if mode == "compiled":
+    if mode not in ("eager", "compiled", "cuda_graphs"):
+        raise ValueError(f"mode={mode!r}: 'eager', 'compiled' or 'cuda_graphs'")
+    if mode != "eager":
         for region in ("forward", "backward"):
             for m in sorted({op.micro for op in ops if op.region == region}):
                 part = [op for op in ops if op.region == region and op.micro == m]
                 g, c, k = _compiled(part, chip, trace, (inductor or {}).get(region), tally)
+                if mode == "cuda_graphs":  # one replay instead of a launch per kernel
+                    c = (_a("compiled_graph_call_us") + _a("cudagraph_replay_us")) * 1e-6
                 gpu, cpu, kernels = gpu + g, cpu + c, kernels + k
         ops = [op for op in ops if op.region not in ("forward", "backward")]
     g, c, k = _eager(ops, chip, tally, trace.info.get("vocab", (0, 0)))
@@ -1480,8 +1492,9 @@ def mfu_ceiling(name: str, batches: list[int], chips: list[str], factors: tuple[
                 loss_chunk: int = 4096) -> dict:
     """How far MFU can go at a preset's model shape: one micro-batch of B windows per optimizer step,
     compiled, Muon stacked, the head + loss fused in ``loss_chunk`` rows. Per chip: the step's MFU as
-    projected; the MFU with no launch overhead at all (the GPU's own time alone: what CUDA graphs over
-    the whole step could reach at best); and that GPU time split by GPU_TIME_KINDS. A batch other
+    projected; with the forward and backward replayed from CUDA graphs (``TrainConfig.cuda_graphs``;
+    the optimizer stays eager); with no launch overhead at all (the GPU's own time alone: what CUDA
+    graphs over the whole step could reach at best); and that GPU time split by GPU_TIME_KINDS. A batch other
     than the preset's changes its recipe; this asks only what the hardware allows at the shape."""
     import dataclasses
 
@@ -1496,11 +1509,13 @@ def mfu_ceiling(name: str, batches: list[int], chips: list[str], factors: tuple[
         for c in chips:
             peak = CHIPS[c]["tensor_tflops"] * 1e12
             step = step_cost(trace, cfg, CHIPS[c], "compiled")
+            graphs = step_cost(trace, cfg, CHIPS[c], "cuda_graphs")
             e = {"step_ms": step["step_s"] * 1e3, "gpu_ms": step["gpu_s"] * 1e3, "mfu": flops / step["step_s"] / peak,
-                 "gpu_only_mfu": flops / step["gpu_s"] / peak,
+                 "cuda_graphs_mfu": flops / graphs["step_s"] / peak, "gpu_only_mfu": flops / step["gpu_s"] / peak,
                  "gpu_share": {k: v / step["gpu_s"] for k, v in step["gpu_by_kind"].items()}}
             if factors:  # the GPU factor alone: no launch overhead is left to scale
                 e["mfu_calibrated"] = flops / _seconds(step, factors) / peak
+                e["cuda_graphs_mfu_calibrated"] = flops / _seconds(graphs, factors) / peak
                 e["gpu_only_mfu_calibrated"] = e["gpu_only_mfu"] / factors[0]
             per_chip[c] = e
         rows.append({"batch_size": B, "tokens_per_step": cfg.tokens_per_step, "peak_gib": peak_memory(trace)["peak_gib"],
@@ -1632,6 +1647,9 @@ def gpu_run_checks(run_dir: str | Path, inductor: list[dict] = ()) -> dict:
     tokens = tcfg.tokens_per_step
     add("GPT-2 shape, 64 x 1, eager", rate["slm_utils"], tokens, step_cost(trace, tcfg, chip, "eager"))
     add_compiled("GPT-2 shape, 64 x 1, compiled", rate["torch.compile on"], trace, mcfg, tcfg)
+    if "torch.compile + CUDA graphs on" in rate:  # runs since 2026-11-30
+        add("GPT-2 shape, 64 x 1, compiled, CUDA graphs", rate["torch.compile + CUDA graphs on"], tokens,
+            step_cost(trace, tcfg, chip, "cuda_graphs"))
     add("GPT-2 shape, 64 x 1, eager, vocabulary not padded", rate["pad 64 off"], tokens,
         step_cost(trace_train_step(S.GPTConfig(**shape), tcfg), tcfg, chip, "eager"))
     add("GPT-2 shape, 64 x 1, eager, AdamW not fused", rate["fused AdamW off"], tokens,
@@ -1645,10 +1663,11 @@ def gpu_run_checks(run_dir: str | Path, inductor: list[dict] = ()) -> dict:
         stacked = r.get("muon_stacked", False)
         cfg = dataclasses.replace(pt, batch_size=r["micro_batch"], grad_accum_steps=r["grad_accum_steps"],
                                   loss_chunk=r["loss_chunk"], muon_stack="on" if stacked else "off")
-        mode = "compiled" if r["compiled"] else "eager"
+        mode = "cuda_graphs" if r.get("cuda_graphs") else "compiled" if r["compiled"] else "eager"
         head = f", fused head + loss ({r['loss_chunk']:,}-row chunks)" if r["loss_chunk"] else ""
         head += ", Muon stacked" if stacked else ""
-        what = f"'{sweep['preset']}' preset, {r['micro_batch']} x {r['grad_accum_steps']}, {mode}{head}"
+        label = "compiled, CUDA graphs" if mode == "cuda_graphs" else mode
+        what = f"'{sweep['preset']}' preset, {r['micro_batch']} x {r['grad_accum_steps']}, {label}{head}"
         if mode == "compiled":
             add_compiled(what, r["tokens_per_s"], trace_train_step(pm, cfg), pm, cfg)
         else:
@@ -1905,15 +1924,15 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\n### how far MFU can go on the {c}: the 't4' shape, one micro-batch per step, compiled, Muon "
                   f"stacked, fused head + loss ({ceiling['loss_chunk']:,}-row chunks)\n")
             cal = " (calibrated)" if factors else ""
-            print(f"| windows per step | step ms | MFU{cal} | MFU with no launch overhead{cal} | GPU time: "
-                  + " / ".join(GPU_TIME_KINDS) + " |")
-            print("|---|---|---|---|---|")
+            print(f"| windows per step | step ms | MFU{cal} | MFU, CUDA graphs{cal} | MFU with no launch overhead{cal} | "
+                  "GPU time: " + " / ".join(GPU_TIME_KINDS) + " |")
+            print("|---|---|---|---|---|---|")
             for r in ceiling["rows"]:
                 e = r["chips"][c]
-                mfu = f"{e['mfu']:.1%}" + (f" ({e['mfu_calibrated']:.1%})" if factors else "")
-                top = f"{e['gpu_only_mfu']:.1%}" + (f" ({e['gpu_only_mfu_calibrated']:.1%})" if factors else "")
+                mfu, graphs, top = (f"{e[k]:.1%}" + (f" ({e[k + '_calibrated']:.1%})" if factors else "")
+                                    for k in ("mfu", "cuda_graphs_mfu", "gpu_only_mfu"))
                 share = " / ".join(f"{e['gpu_share'][k]:.0%}" for k in GPU_TIME_KINDS)
-                print(f"| {r['batch_size']} | {e['step_ms']:.1f} | {mfu} | {top} | {share} |")
+                print(f"| {r['batch_size']} | {e['step_ms']:.1f} | {mfu} | {graphs} | {top} | {share} |")
 
     if factors:
         cal = result["calibration"]

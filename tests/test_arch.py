@@ -401,6 +401,9 @@ def test_curriculum_keeps_tokens_per_step_and_doubles_the_window():
     (dict(embedding_lr=-1.0), r"embedding_lr=-1.0"),
     (dict(muon_ns_dtype="float8"), r"muon_ns_dtype='float8'"),
     (dict(muon_stack="yes"), r"muon_stack='yes' must be 'auto', 'on' or 'off'"),
+    (dict(cuda_graphs=True), r"cuda_graphs=True replays the graphs torch.compile builds. Fix: set compile=True"),
+    (dict(compile=True, cuda_graphs=True, batch_size=64, grad_accum_steps=2),
+     r"one micro-batch per optimizer step, not grad_accum_steps=2.*Fix: batch_size=128, grad_accum_steps=1"),
 ])
 def test_bad_training_options_are_refused(kwargs, message):
     with pytest.raises(s.ConfigError, match=message):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import slm_utils
 
@@ -71,6 +72,9 @@ def test_the_micro_batch_sweep_refuses_a_size_that_does_not_divide_the_step(tmp_
     with pytest.raises(SystemExit, match="48 does not divide the 128 windows"):
         bench_microbatch.measure_row("t4", 48, 128, None, tmp_path, compile=False, loss_chunk=0, warmup=0, steps=1,
                                      tiny=True, peak_tflops=1.0)
+    with pytest.raises(slm_utils.ConfigError, match="one micro-batch per optimizer step, not grad_accum_steps=2"):
+        bench_microbatch.measure_row("t4", 64, 128, torch.device("cpu"), tmp_path, compile=True, cuda_graphs=True,
+                                     loss_chunk=0, warmup=0, steps=1, tiny=True, peak_tflops=1.0)
 
 
 def test_the_step_profile_reads_its_overrides_and_refuses_an_unknown_mode(tmp_path, capsys):

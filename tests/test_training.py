@@ -154,6 +154,13 @@ def test_nonsense_train_configs_are_rejected(kwargs, words):
     assert isinstance(info.value, ValueError)
 
 
+def test_cuda_graphs_on_a_cpu_are_refused_before_anything_is_written(shakespeare_dir, tmp_path):
+    model_cfg, cfg = preset("smoke", device="cpu", compile=True, cuda_graphs=True, out_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"cuda_graphs=True needs one process on a CUDA device.*Fix: cuda_graphs=False"):
+        train(slm_utils.GPT(model_cfg), shakespeare_dir, cfg)
+    assert not (tmp_path / "run").exists()
+
+
 # ---- precision --------------------------------------------------------------------------
 
 
