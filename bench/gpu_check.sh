@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check on one CUDA GPU; every figure lands as JSON in OUTDIR. Each step below has a time
-# limit; all of them add up to 1,530 s, so on a machine lent with a 10-minute limit per command
-# run it in two parts (GPU_CHECK_STEPS, below; BENCHMARKS.md section 5 gives the two calls).
+# limit; all of them add up to 1,530 s, so where one command may run at most 10 minutes, run it in
+# three calls (GPU_CHECK_STEPS, below; BENCHMARKS.md section 5 gives them).
 #
 #   bash bench/gpu_check.sh OUTDIR
 #   GPU_CHECK_STEPS=train,fused,decode,sweep bash bench/gpu_check.sh OUTDIR         # part A, at most 460 s

@@ -494,7 +494,8 @@ class Op:
     """One traced op: what it computes, what it moves, where in the step it ran."""
 
     __slots__ = ("index", "name", "region", "micro", "kind", "flops", "read", "write", "tensor_core",
-                 "misaligned", "tiles", "k", "launches", "reduction", "reads", "writes", "space", "reductions")
+                 "misaligned", "tiles", "k", "launches", "reduction", "reads", "writes", "space", "reductions",
+                 "logits")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -575,8 +576,9 @@ def _machinery():
     class State:
         """What the hooks tell the tracer: which part of the step is running, and which micro-batch."""
 
-        def __init__(self, autocast=None, force_autocast=False, tail_on_sync=False):
+        def __init__(self, autocast=None, force_autocast=False, tail_on_sync=False, vocab_widths=()):
             self.autocast, self.force_autocast, self.tail_on_sync = autocast, force_autocast, tail_on_sync
+            self.vocab_widths = tuple(vocab_widths)  # the logits' last dimension: the vocabulary, padded or not
             self.region, self.micro = "glue", -1
             self.cast_cache = {}  # autocast's cache of weight casts: emptied when the forward returns
 
@@ -835,11 +837,14 @@ def _machinery():
             reduction = kind in ("kernel", "multi") and (
                 any(r in name for r in _REDUCING) or (outputs and max(t.numel() for t in outputs) < biggest_in))
             space, reductions = _loops(name, inputs, outputs, args, bool(reduction))
+            # works on logits: a tensor whose rows are as wide as the vocabulary (the head's weight,
+            # vocabulary x width, has rows as wide as the model)
+            logits = any(t.dim() >= 2 and t.shape[-1] in self.state.vocab_widths for t in (*inputs, *outputs))
             self.ops.append(Op(index=len(self.ops), name=name, region=self._region(), micro=max(self.state.micro, 0),
                                kind=kind, flops=flops, read=sum(reads.values()), write=sum(writes.values()),
                                tensor_core=tensor_core, misaligned=misaligned, tiles=tiles, k=k, launches=launches,
                                reduction=bool(reduction), reads=reads, writes=writes, space=space,
-                               reductions=reductions))
+                               reductions=reductions, logits=logits))
 
     class PhaseOptimizer:
         """The optimizer, with its step marked as the 'optimizer' region of the trace."""
@@ -965,7 +970,8 @@ def trace_train_step(mcfg, tcfg, fused: bool | None = None, amp: bool = True) ->
         optimizer = S.configure_optimizer(model, tcfg, "cuda", fused=fused)
         scaler = torch.amp.GradScaler("cpu", enabled=False)  # bf16 needs none; a T4's fp16 scaler is priced apart
         for _ in range(2):  # the first step creates the optimizer state; the second is the one kept
-            state = M.State(autocast=torch.bfloat16 if amp else None, tail_on_sync=True)
+            state = M.State(autocast=torch.bfloat16 if amp else None, tail_on_sync=True,
+                            vocab_widths=(mcfg.vocab_size, mcfg.padded_vocab_size))
             rec = M.Recorder(state)
             with M.regions(model, state), M.GPUFunctionMode(state), rec, \
                     torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
@@ -982,7 +988,7 @@ def trace_train_step(mcfg, tcfg, fused: bool | None = None, amp: bool = True) ->
     n_tensors = len({id(p) for p in model.parameters()})
     return Trace(rec.ops, rec.peak_bytes, static=weights + opt_state + batch, saved=sum(rec.saved.values()),
                  weights=weights, grads=grads, optimizer_state=opt_state, checkpoint_bytes=weights + opt_state,
-                 param_tensors=n_tensors, micro_batches=len(batches), vocab=(mcfg.padded_vocab_size, mcfg.n_embd))
+                 param_tensors=n_tensors, micro_batches=len(batches))
 
 
 def trace_eval_batch(mcfg, tcfg) -> Trace:
@@ -1043,31 +1049,23 @@ def _gpu_seconds(op: Op, chip: dict) -> float:
 GPU_TIME_KINDS = ("matmul", "attention", "logits", "other", "optimizer", "tail")
 
 
-def _time_kind(op: Op, vocab: tuple[int, int] = (0, 0)) -> str:
+def _time_kind(op: Op) -> str:
     """The GPU_TIME_KINDS entry of an op: the optimizer and the step's tail (clipping, the loss's
     .item(), GradScaler) by region; in the forward, the backward and between micro-batches, matmuls
-    and attention by kind; every other kernel over a loop of whole rows of the logits (``vocab``: see
-    ``_over_logits``) as 'logits' (the softmax, the loss, their gradients, the logits' casts); the
-    rest (elementwise work, norms, the embedding) as 'other'."""
+    and attention by kind; every other kernel that works on logits (a tensor as wide as the
+    vocabulary: the softmax, the loss, their gradients, the logits' casts and slices) as 'logits';
+    the rest (elementwise work, norms, the embedding) as 'other'. A model whose hidden width equals
+    its vocabulary would have its activations counted as logits."""
     if op.region in ("optimizer", "tail"):
         return op.region
     if op.kind in ("matmul", "attention"):
         return op.kind
-    return "logits" if _over_logits(op.space, vocab) else "other"
+    return "logits" if op.logits else "other"
 
 
-def _over_logits(space: int | None, vocab: tuple[int, int]) -> bool:
-    """Whether a loop of ``space`` elements runs over whole rows of the logits. ``vocab``: (padded
-    vocabulary, width). A loop of exactly vocabulary x width elements is the head's weight (its cast,
-    its gradient), not logits; a chunk of exactly ``width`` rows would count as a weight too."""
-    v, width = vocab
-    return bool(v and space and space % v == 0 and space != v * width)
-
-
-def _eager(ops: list[Op], chip: dict, tally: dict | None = None,
-           vocab: tuple[int, int] = (0, 0)) -> tuple[float, float, int]:
+def _eager(ops: list[Op], chip: dict, tally: dict | None = None) -> tuple[float, float, int]:
     """(GPU seconds, CPU overhead seconds, kernels) of ops run eagerly; ``tally`` (if given) adds each
-    op's GPU seconds under its ``_time_kind`` (``vocab``: as in ``_over_logits``)."""
+    op's GPU seconds under its ``_time_kind``."""
     gpu = cpu = 0.0
     kernels = 0
     for op in ops:
@@ -1076,7 +1074,7 @@ def _eager(ops: list[Op], chip: dict, tally: dict | None = None,
             continue
         gpu += _gpu_seconds(op, chip)
         if tally is not None:
-            kind = _time_kind(op, vocab)
+            kind = _time_kind(op)
             tally[kind] = tally.get(kind, 0.0) + _gpu_seconds(op, chip)
         cpu += (_a("eager_op_us") + _a("eager_extra_launch_us") * (op.launches - 1)) * 1e-6
         if op.kind == "sync":
@@ -1203,7 +1201,7 @@ def _fused_groups(ops: list[Op], trace: Trace, sms: int) -> list[dict]:
         for i, loop in enumerate(loops):
             elsewhere = set().union(*(r for j, r in enumerate(reads_of) if j != i))
             items.append({"bytes": _loop_bytes(loop, trace, run[-1].index, elsewhere),
-                          "kernels": _space_kernels(loop, sms), "space": max(op.space or 0 for op in loop)})
+                          "kernels": _space_kernels(loop, sms), "logits": any(op.logits for op in loop)})
         run.clear()
 
     for op in ops:
@@ -1229,20 +1227,20 @@ def _compiled(ops: list[Op], chip: dict, trace: Trace, nodes: list[dict] | None 
     """(GPU seconds, CPU overhead seconds, kernels) of one compiled region (a forward or a backward).
     ``nodes``: Inductor's own scheduler nodes for this region (``bench/inductor_groups.py``), priced in
     place of the fused groups of ASSUMPTIONS['compiled_fusion']; matmuls and attention stay the traced ops.
-    ``tally``: as in ``_eager``; a fused group counts by its loop's size, and Inductor's nodes as 'other'."""
+    ``tally``: as in ``_eager``; a fused group counts as 'logits' when any op of its loop does, and
+    Inductor's own nodes (which carry no shapes) all as 'other'."""
     gpu, cpu, kernels = 0.0, _a("compiled_graph_call_us") * 1e-6, 0
     tally = {} if tally is None else tally
-    vocab = trace.info.get("vocab", (0, 0))
     bandwidth = chip["bandwidth_gbs"] * 1e9 * chip["bandwidth_efficiency"]
     for item in _fused_groups(ops, trace, chip["sms"]):
         if "op" in item:
             op = item["op"]
-            seconds, kind = _gpu_seconds(op, chip), _time_kind(op, vocab)
+            seconds, kind = _gpu_seconds(op, chip), _time_kind(op)
             n = op.launches
         elif nodes is not None:
             continue
         else:
-            seconds, kind = item["bytes"] / bandwidth, "logits" if _over_logits(item["space"], vocab) else "other"
+            seconds, kind = item["bytes"] / bandwidth, "logits" if item["logits"] else "other"
             n = item["kernels"]
         gpu += seconds
         tally[kind] = tally.get(kind, 0.0) + seconds
@@ -1278,7 +1276,7 @@ def price(trace: Trace, chip: dict, mode: str, micro: int | None = None, regions
                     c = (_a("compiled_graph_call_us") + _a("cudagraph_replay_us")) * 1e-6
                 gpu, cpu, kernels = gpu + g, cpu + c, kernels + k
         ops = [op for op in ops if op.region not in ("forward", "backward")]
-    g, c, k = _eager(ops, chip, tally, trace.info.get("vocab", (0, 0)))
+    g, c, k = _eager(ops, chip, tally)
     return {"gpu_s": gpu + g, "cpu_s": cpu + c, "kernels": kernels + k}
 
 
@@ -1299,6 +1297,8 @@ def step_cost(trace: Trace, tcfg, chip: dict, mode: str, inductor: dict | None =
     """Seconds of one optimizer step: micro-batch 0, the others like micro-batch 1, the tail, the host.
     ``inductor``: see ``price``; for a step of one micro-batch only (see ``inductor_nodes_for``)."""
     A = tcfg.grad_accum_steps
+    if mode == "cuda_graphs" and A != 1:
+        raise ValueError(f"CUDA graphs take one micro-batch per step (TrainConfig.cuda_graphs), not {A}.")
     if inductor is not None and A != 1:
         raise ValueError(f"Inductor's nodes price a step of one micro-batch, not {A}: the later ones add their "
                          "gradients outside the compiled graph, which the nodes do not hold.")
@@ -1493,8 +1493,9 @@ def mfu_ceiling(name: str, batches: list[int], chips: list[str], factors: tuple[
     """How far MFU can go at a preset's model shape: one micro-batch of B windows per optimizer step,
     compiled, Muon stacked, the head + loss fused in ``loss_chunk`` rows. Per chip: the step's MFU as
     projected; with the forward and backward replayed from CUDA graphs (``TrainConfig.cuda_graphs``;
-    the optimizer stays eager); with no launch overhead at all (the GPU's own time alone: what CUDA
-    graphs over the whole step could reach at best); and that GPU time split by GPU_TIME_KINDS. A batch other
+    the optimizer stays eager); of the GPU's own time alone, with no launch overhead and no host work
+    (the bound that CUDA graphs over the whole step, with the batches prepared ahead, could reach at
+    best); and that GPU time split by GPU_TIME_KINDS. A batch other
     than the preset's changes its recipe; this asks only what the hardware allows at the shape."""
     import dataclasses
 
@@ -1630,13 +1631,14 @@ def gpu_run_checks(run_dir: str | Path, inductor: list[dict] = ()) -> dict:
         checks.append({"what": what, "measured": [measured], "units": units, "gpu_s": parts["gpu_s"],
                        "cpu_s": parts["cpu_s"], "host_s": parts.get("host_s", 0.0), "note": note})
 
-    def add_compiled(what, measured, trace, mcfg, tcfg):
-        """A compiled figure, and again with Inductor's own kernels when a record has them."""
-        add(what, measured, tcfg.tokens_per_step, step_cost(trace, tcfg, chip, "compiled"))
+    def add_compiled(what, measured, trace, mcfg, tcfg, mode="compiled"):
+        """A compiled figure (``mode``: 'compiled' or 'cuda_graphs'), and again with Inductor's own
+        kernels when a record has them."""
+        add(what, measured, tcfg.tokens_per_step, step_cost(trace, tcfg, chip, mode))
         nodes, note = inductor_nodes_for(inductor, mcfg, tcfg, chip["amp"], chip_name)
         if nodes is not None:
             add(what + ", Inductor's kernels", measured, tcfg.tokens_per_step,
-                step_cost(trace, tcfg, chip, "compiled", nodes), note)
+                step_cost(trace, tcfg, chip, mode, nodes), note)
 
     # the lever table: GPT-2 blocks 6/6/384, one micro-batch of 64 x 128, AdamW, bf16 (as h100_checks)
     rate = {r["name"].split(" = ")[0]: r["tokens_per_s"] for r in train["rows"]}
@@ -1648,8 +1650,8 @@ def gpu_run_checks(run_dir: str | Path, inductor: list[dict] = ()) -> dict:
     add("GPT-2 shape, 64 x 1, eager", rate["slm_utils"], tokens, step_cost(trace, tcfg, chip, "eager"))
     add_compiled("GPT-2 shape, 64 x 1, compiled", rate["torch.compile on"], trace, mcfg, tcfg)
     if "torch.compile + CUDA graphs on" in rate:  # runs since 2026-11-30
-        add("GPT-2 shape, 64 x 1, compiled, CUDA graphs", rate["torch.compile + CUDA graphs on"], tokens,
-            step_cost(trace, tcfg, chip, "cuda_graphs"))
+        add_compiled("GPT-2 shape, 64 x 1, compiled, CUDA graphs", rate["torch.compile + CUDA graphs on"], trace,
+                     mcfg, tcfg, "cuda_graphs")
     add("GPT-2 shape, 64 x 1, eager, vocabulary not padded", rate["pad 64 off"], tokens,
         step_cost(trace_train_step(S.GPTConfig(**shape), tcfg), tcfg, chip, "eager"))
     add("GPT-2 shape, 64 x 1, eager, AdamW not fused", rate["fused AdamW off"], tokens,
@@ -1668,8 +1670,8 @@ def gpu_run_checks(run_dir: str | Path, inductor: list[dict] = ()) -> dict:
         head += ", Muon stacked" if stacked else ""
         label = "compiled, CUDA graphs" if mode == "cuda_graphs" else mode
         what = f"'{sweep['preset']}' preset, {r['micro_batch']} x {r['grad_accum_steps']}, {label}{head}"
-        if mode == "compiled":
-            add_compiled(what, r["tokens_per_s"], trace_train_step(pm, cfg), pm, cfg)
+        if mode != "eager":
+            add_compiled(what, r["tokens_per_s"], trace_train_step(pm, cfg), pm, cfg, mode)
         else:
             add(what, r["tokens_per_s"], cfg.tokens_per_step, step_cost(trace_train_step(pm, cfg), cfg, chip, mode))
     for r in decode["rows"]:
@@ -1809,8 +1811,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--muon-stack", nargs="*", type=int, default=[64, 128],
                         help="micro-batch sizes at which to price the 't4' preset's Muon stacked and not; none to skip")
     parser.add_argument("--ceiling", nargs="*", type=int, default=[128, 256, 512],
-                        help="micro-batch sizes (one per step) at which to price the 't4' shape's MFU with and "
-                             "without launch overhead; none to skip")
+                        help="micro-batch sizes (one per step) at which to price the 't4' shape's MFU as a step, "
+                             "with CUDA graphs, and of the GPU's own time alone; none to skip")
     parser.add_argument("--no-calibration", action="store_true",
                         help="skip the H100 check and the calibration fitted on it")
     parser.add_argument("--validate", nargs="*", default=[], metavar="RUN_DIR",
@@ -1924,7 +1926,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\n### how far MFU can go on the {c}: the 't4' shape, one micro-batch per step, compiled, Muon "
                   f"stacked, fused head + loss ({ceiling['loss_chunk']:,}-row chunks)\n")
             cal = " (calibrated)" if factors else ""
-            print(f"| windows per step | step ms | MFU{cal} | MFU, CUDA graphs{cal} | MFU with no launch overhead{cal} | "
+            print(f"| windows per step | step ms, a priori | MFU{cal} | MFU, CUDA graphs{cal} | MFU of the GPU's own time{cal} | "
                   "GPU time: " + " / ".join(GPU_TIME_KINDS) + " |")
             print("|---|---|---|---|---|---|")
             for r in ceiling["rows"]:

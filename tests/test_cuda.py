@@ -61,25 +61,39 @@ def test_compiled_bf16_training_on_cuda_learns_and_saves_plain_keys(shakespeare_
     assert on_cpu == pytest.approx(history["val_loss"][-1], abs=0.05)  # bf16 on the GPU vs fp32 here
 
 
-def test_cuda_graphs_train_like_compile_alone_and_really_replay(shakespeare_dir, tmp_path):
+def test_cuda_graphs_train_like_compile_alone_and_really_replay(shakespeare_dir, tmp_path, monkeypatch):
     """compile=True with cuda_graphs=True runs the same kernels, replayed from CUDA graphs: train()
-    with its evaluations and checkpoints gives the same losses as compile alone, and Inductor did not
-    fall back to plain launches (it counts every graph it declines to capture)."""
+    gives the losses of compile alone, with what the "t4" preset adds to the smoke run (Muon, the
+    fused head + loss, the length curriculum, background checkpoints), and the graphs really replay:
+    Inductor declined none (it counts those), and CUDAGraph.replay ran."""
     from torch._dynamo.utils import counters
 
-    histories, skips = [], None
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+
+    def counting(self, *args, **kwargs):
+        replays.append(1)
+        return replay(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counting)
+    histories, counts = [], []
     for graphs in (False, True):
         torch._dynamo.reset()
         counters.clear()
-        model, cfg = smoke(tmp_path / f"graphs-{graphs}", compile=True, cuda_graphs=graphs)
+        replays.clear()
+        model, cfg = smoke(tmp_path / f"graphs-{graphs}", compile=True, cuda_graphs=graphs, optimizer="muon",
+                           loss_chunk=64, curriculum_steps=4, curriculum_start=8, background_checkpoints=True)
         histories.append(s.train(model, shakespeare_dir, cfg))
-        skips = counters["inductor"]["cudagraph_skips"]
-    assert skips == 0
+        counts.append((counters["inductor"]["cudagraph_skips"], len(replays)))
+    (_, plain_replays), (skips, graph_replays) = counts
+    assert plain_replays == 0 and skips == 0
+    assert graph_replays >= cfg.max_steps // 2  # the full-length stage's steps, after a warm-up and a recording
     plain, graphed = histories
     assert learned(graphed)
     # the same kernels; atomics in a backward may still round differently from run to run
     assert graphed["train_loss"] == pytest.approx(plain["train_loss"], abs=0.01)
     assert graphed["val_loss"] == pytest.approx(plain["val_loss"], abs=0.01)
+
 
 def test_pinned_batches_on_cuda_equal_the_cpu_ones(shakespeare_dir):
     a = s.get_batch(shakespeare_dir, "train", 8, 32, "cuda", torch.Generator().manual_seed(3))

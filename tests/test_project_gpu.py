@@ -121,14 +121,26 @@ def test_gpu_time_by_kind_adds_up_to_the_gpu_time(train_trace):
             assert all(by_kind[k] > 0 for k in ("matmul", "attention", "logits", "other", "optimizer", "tail"))
 
 
-def test_logits_are_loops_over_vocabulary_rows_not_the_heads_weight():
-    vocab = (512, 64)
-    assert pg._over_logits(128 * 512, vocab) and pg._over_logits(4096 * 512, vocab)
-    assert not pg._over_logits(512 * 64, vocab)  # the head's weight, its cast or its gradient
-    assert not pg._over_logits(100 * 64, vocab) and not pg._over_logits(0, vocab)  # not whole vocabulary rows
+@pytest.mark.parametrize("loss_chunk", [0, 48])
+def test_logits_are_the_ops_on_vocabulary_wide_rows(loss_chunk):
+    # 500 ids padded to 512: the plain head slices its logits back to 500, the fused one keeps 512
+    mcfg = small_config(vocab_size=500, pad_vocab_multiple=64, tie_weights=False)
+    tcfg = small_train_config(loss_chunk=loss_chunk)
+    trace = pg.trace_train_step(mcfg, tcfg)
+    kind = {}
+    for op in trace.ops:
+        if op.kind not in ("view", "alloc"):
+            kind.setdefault(op.name, set()).add(pg._time_kind(op))
+    assert kind["_log_softmax"] == {"logits"}  # the loss, both heads
+    assert kind["native_layer_norm"] == {"other"} and kind["gelu"] == {"other"}  # activations, 64 and 256 wide
+    assert kind["embedding_dense_backward"] == {"other"}  # the input table's gradient: vocabulary x width
+    if not loss_chunk:
+        assert kind["nll_loss_backward"] == {"logits"} and kind["slice_backward"] == {"logits"}
+    step = pg.step_cost(trace, tcfg, pg.CHIPS["H100"], "compiled")  # fused groups take their ops' kind
+    assert step["gpu_by_kind"]["logits"] > 0 and step["gpu_by_kind"]["other"] > 0
 
 
-def test_mfu_ceiling_has_no_launch_overhead_and_is_above_the_step(tmp_path):
+def test_mfu_ceiling_orders_the_step_cuda_graphs_and_the_gpus_own_time(tmp_path):
     out = tmp_path / "projection.json"
     pg.main(["--presets", "smoke", "--chips", "H100", "--sweep", "--fused-loss", "--muon-stack", "--ceiling", "8",
              "32", "--no-calibration", "--out", str(out)])
@@ -136,11 +148,26 @@ def test_mfu_ceiling_has_no_launch_overhead_and_is_above_the_step(tmp_path):
     assert [r["batch_size"] for r in rows] == [8, 32]
     for r in rows:
         e = r["chips"]["H100"]
-        assert e["mfu"] < e["gpu_only_mfu"] < 1  # the launches cost something; the GPU's own time is a bound
-        assert sum(e["gpu_share"].values()) == pytest.approx(1.0)
+        # CUDA graphs remove the compiled graphs' launches, not the optimizer's or the host's work
+        assert e["mfu"] < e["cuda_graphs_mfu"] < e["gpu_only_mfu"] < 1
     small, large = (r["chips"]["H100"] for r in rows)
     assert large["mfu"] > small["mfu"]  # launch overhead weighs less on a bigger micro-batch
     assert large["gpu_share"]["optimizer"] < small["gpu_share"]["optimizer"]  # the same optimizer, more tokens
+
+
+def test_cuda_graphs_pricing_keeps_the_gpu_time_and_refuses_accumulation(train_trace):
+    mcfg, tcfg, accumulated = train_trace
+    one = dataclasses.replace(tcfg, grad_accum_steps=1)
+    trace = pg.trace_train_step(mcfg, one)
+    chip = pg.CHIPS["H100"]
+    compiled, graphs = (pg.step_cost(trace, one, chip, m) for m in ("compiled", "cuda_graphs"))
+    assert graphs["gpu_s"] == pytest.approx(compiled["gpu_s"]) and graphs["kernels"] == compiled["kernels"]
+    assert graphs["cpu_s"] < compiled["cpu_s"]
+    with pytest.raises(ValueError, match="one micro-batch per step"):
+        pg.step_cost(accumulated, tcfg, chip, "cuda_graphs")
+    with pytest.raises(ValueError, match="mode='graphs'"):
+        pg.price(trace, chip, "graphs")
+
 
 def test_decode_step_reads_the_weights_once():
     mcfg = small_config()
@@ -186,7 +213,7 @@ def test_expected_time_prices_a_regrouped_split_from_the_sweep(tmp_path):
     """On a large GPU the notebook runs the "t4" preset as 128 x 1 (device_batch): its estimate
     takes that split's step from the sweep; a split the sweep lacks keeps the preset's, and says so."""
     out = tmp_path / "projection.json"
-    pg.main(["--presets", "t4", "--chips", "H100", "--sweep", "128", "--fused-loss", "--muon-stack",
+    pg.main(["--presets", "t4", "--chips", "H100", "--sweep", "128", "--fused-loss", "--muon-stack", "--ceiling",
              "--out", str(out)])
     data = json.loads(out.read_text())
     row = data["sweep"]["rows"][0]
