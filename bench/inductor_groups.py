@@ -19,6 +19,8 @@ count, through Inductor's own GPU path (decompositions, post-grad passes, loweri
 scheduler's fusion), and stopped before any kernel is generated. Its nodes are what a GPU build of
 the same PyTorch would launch, up to the stand-ins listed at ``_pretend_cuda`` and ``_to_cuda``
 (BENCHMARKS.md section 8 compares them with the projection; a ``--device cuda`` run checks them).
+Each stand-in graph also records whether Inductor would decline CUDA graphs for it
+(``cudagraph_blocker``, ``TrainConfig.cuda_graphs``).
 
     python bench/inductor_groups.py --device cuda --out fusion.json                 # "t4", 64 windows
     python bench/inductor_groups.py --device cuda --set arch=gpt2 optimizer=adamw --out f.json
@@ -253,20 +255,45 @@ class _Scheduled(Exception):
     """Raised once the scheduler has fused a graph: there is nothing to generate or compile."""
 
 
-def lower_for_gpu(captured: list[tuple], chip: str) -> list[list[dict]]:
-    """Lower each graph of a ``GraphCapture`` again for a stand-in ``chip``; its scheduler's nodes after fusion."""
+def _cudagraph_blocker(lowering, gm, static_input_idxs) -> str | None:
+    """Why Inductor would run a graph without CUDA graphs (``TrainConfig.cuda_graphs``), by the checks
+    it makes on the graph itself (torch 2.13's ``compile_fx`` and ``cudagraph_utils``): a reason found
+    while lowering, an op CUDA graphs cannot hold, an input changed in place that is not a parameter
+    (a static input), or a node on the CPU. None: none of them. The checks it makes only when the graph
+    runs (the allocator's settings, a recorded tensor) are not made here."""
+    from torch._inductor.cudagraph_utils import check_multiple_devices_or_any_cpu_nodes
+    from torch._inductor.utils import get_first_incompatible_cudagraph_node
+
+    if lowering.disable_cudagraphs_reason:
+        return lowering.disable_cudagraphs_reason
+    node = get_first_incompatible_cudagraph_node(gm)
+    if node is not None:
+        return f"an op CUDA graphs cannot hold: {node.target}"
+    names = list(lowering.graph_inputs)
+    mutated = [n for i, n in enumerate(names) if n in lowering.mutated_inputs and i not in set(static_input_idxs)]
+    if mutated:
+        return f"inputs changed in place: {', '.join(mutated)}"
+    return check_multiple_devices_or_any_cpu_nodes(dict(lowering.device_node_mapping))
+
+
+def lower_for_gpu(captured: list[tuple], chip: str) -> tuple[list[list[dict]], list[str | None]]:
+    """Lower each graph of a ``GraphCapture`` again for a stand-in ``chip``: its scheduler's nodes after
+    fusion, and why Inductor would decline CUDA graphs for it (``_cudagraph_blocker``; None: no reason)."""
     from torch._inductor import compile_fx
     from torch._inductor.graph import GraphLowering
     from torch._inductor.scheduler import Scheduler
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     graphs: list[list[dict]] = []
+    lowerings: list = []
 
     def schedule_only(self):
         self.scheduler = Scheduler(self.operations)
         graphs.append([_node_record(n) for n in self.scheduler.nodes])
+        lowerings.append(self)
         raise _Scheduled
 
+    blockers: list[str | None] = []
     with _pretend_cuda(chip), mock.patch.object(GraphLowering, "_update_scheduler", schedule_only), \
             warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TensorFloat32")  # a GPU's advice on fp32 matmuls; nothing runs
@@ -288,7 +315,8 @@ def lower_for_gpu(captured: list[tuple], chip: str) -> list[list[dict]]:
                     cause = cause.__cause__ or cause.__context__
                 if cause is None:  # it failed before its scheduler ran: a real error
                     raise
-    return graphs
+            blockers.append(_cudagraph_blocker(lowerings[-1], gm, kwargs.get("static_input_idxs") or ()))
+    return graphs, blockers
 
 
 def summarize_nodes(nodes: list[dict]) -> dict:
@@ -358,7 +386,8 @@ def main(argv=None) -> int:
                          "for (2.11-2.13). The graphs cannot be told apart, so nothing is recorded.")
     backend = "cpp"
     if args.as_gpu:
-        cpu_graphs, graphs = graphs, lower_for_gpu(capture.graphs, args.as_gpu)
+        cpu_graphs = graphs
+        graphs, blockers = lower_for_gpu(capture.graphs, args.as_gpu)
         backend = f"triton, {args.as_gpu} stand-in"
     # the projection's trace of the same micro-batch, with the loss chunk the compiled step used
     trace = project_gpu.trace_train_step(model.config, dataclasses.replace(tcfg, loss_chunk=args.loss_chunk))
@@ -377,8 +406,9 @@ def main(argv=None) -> int:
                        "projection": summarize_projection(trace, region, sms), "nodes": nodes}
                       for region, nodes in zip(("forward", "backward"), graphs)]}
     if args.as_gpu:
-        for g, nodes in zip(res["graphs"], cpu_graphs):
+        for g, nodes, blocker in zip(res["graphs"], cpu_graphs, blockers):
             g["inductor_cpp"] = summarize_nodes(nodes)
+            g["cudagraph_blocker"] = blocker  # None: Inductor's checks of the graph would allow CUDA graphs
     return common.write_result(args.out, res, markdown(res))
 
 

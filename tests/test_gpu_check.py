@@ -134,3 +134,28 @@ def test_inductor_lowered_for_a_stand_in_gpu_agrees_with_the_projections_fusion_
         assert abs(ind["kernels"] - proj["kernels"]) <= 0.15 * ind["kernels"], (g["region"], ind, proj)
         assert abs(ind["kernel_bytes"] - proj["kernel_bytes"]) <= 0.15 * ind["kernel_bytes"], (g["region"], ind, proj)
         assert g["inductor_cpp"]["kernels"] > 0  # the CPU backend's own count is kept beside it
+        assert g["cudagraph_blocker"] is None, g["cudagraph_blocker"]  # TrainConfig.cuda_graphs would replay it
+
+
+def test_the_stand_in_says_why_inductor_would_decline_cuda_graphs():
+    """A graph that changes its input in place is one Inductor runs without CUDA graphs; the stand-in
+    lowering says so, and says nothing for the same graph without the change."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import inductor_groups
+
+    def changes_its_input(x, y):
+        x.add_(1)
+        return (x * y).sum()
+
+    def leaves_it(x, y):
+        return (x * y).sum()
+
+    found = []
+    for fn in (changes_its_input, leaves_it):
+        torch._dynamo.reset()
+        capture = inductor_groups.GraphCapture()
+        with inductor_groups._record_scheduler_nodes(), capture:
+            torch.compile(fn)(torch.ones(64, 64), torch.ones(64, 64))
+        found.append(inductor_groups.lower_for_gpu(capture.graphs, "H100")[1])
+    assert len(found[0]) == 1 and "inputs changed in place" in found[0][0]
+    assert found[1] == [None]
