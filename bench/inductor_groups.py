@@ -255,25 +255,51 @@ class _Scheduled(Exception):
     """Raised once the scheduler has fused a graph: there is nothing to generate or compile."""
 
 
-def _cudagraph_blocker(lowering, gm, static_input_idxs) -> str | None:
+def _cudagraph_blocker(lowering, gm, static_input_idxs, example_inputs) -> str | None:
     """Why Inductor would run a graph without CUDA graphs (``TrainConfig.cuda_graphs``), by the checks
-    it makes on the graph itself (torch 2.13's ``compile_fx`` and ``cudagraph_utils``): a reason found
-    while lowering, an op CUDA graphs cannot hold, an input changed in place that is not a parameter
-    (a static input), or a node on the CPU. None: none of them. The checks it makes only when the graph
-    runs (the allocator's settings, a recorded tensor) are not made here."""
-    from torch._inductor.cudagraph_utils import check_multiple_devices_or_any_cpu_nodes
+    it makes on the graph itself, in its order (torch 2.13's ``compile_fx`` and ``output_code``): a
+    reason found while lowering; with graph partitioning off, an op CUDA graphs cannot hold or a node
+    on the CPU (with it on, the default, those split the graph into parts instead of declining it);
+    an input changed in place that is not a parameter (a static input) nor recorded by another graph;
+    an input's storage changed; an input that is not a tensor. None: none of them. The allocator's
+    settings, which it checks too, are not."""
+    from torch._inductor import config
+    from torch._inductor.cudagraph_utils import (
+        check_for_mutation_ignore_cuda_graph_managed_tensor,
+        check_multiple_devices_or_any_cpu_nodes,
+        get_input_storage_mutation_info,
+        get_input_storage_mutation_reason,
+    )
     from torch._inductor.utils import get_first_incompatible_cudagraph_node
 
     if lowering.disable_cudagraphs_reason:
         return lowering.disable_cudagraphs_reason
-    node = get_first_incompatible_cudagraph_node(gm)
-    if node is not None:
-        return f"an op CUDA graphs cannot hold: {node.target}"
-    names = list(lowering.graph_inputs)
-    mutated = [n for i, n in enumerate(names) if n in lowering.mutated_inputs and i not in set(static_input_idxs)]
+    if not config.graph_partition:
+        node = get_first_incompatible_cudagraph_node(gm)
+        if node is not None:
+            return f"an op CUDA graphs cannot hold: {node.target}"
+    with config.patch({"triton.cudagraphs": True}):  # as mode="reduce-overhead" sets it
+        devices = check_multiple_devices_or_any_cpu_nodes(dict(lowering.device_node_mapping))
+    if devices:
+        return devices
+    # Inductor makes this one when the graph runs (cudagraph_support_input_mutation, on by default),
+    # sparing inputs that another graph recorded; a batch or a gradient never is one
+    mutated = check_for_mutation_ignore_cuda_graph_managed_tensor(
+        gm, lowering.mutated_inputs, lowering.mutated_input_idxs, static_input_idxs)
     if mutated:
-        return f"inputs changed in place: {', '.join(mutated)}"
-    return check_multiple_devices_or_any_cpu_nodes(dict(lowering.device_node_mapping))
+        return mutated
+    storage = get_input_storage_mutation_reason(get_input_storage_mutation_info(gm))
+    if storage:
+        return storage
+    allowed = (torch.Tensor, torch.SymInt, torch.Generator)
+    try:  # the kinds of input output_code accepts; an older PyTorch has no opaque objects
+        from torch._opaque_base import OpaqueBase
+        allowed += (OpaqueBase,)
+    except ImportError:
+        pass
+    if not all(isinstance(t, allowed) for t in example_inputs):
+        return "non-Tensor inputs"
+    return None
 
 
 def lower_for_gpu(captured: list[tuple], chip: str) -> tuple[list[list[dict]], list[str | None]]:
@@ -315,7 +341,7 @@ def lower_for_gpu(captured: list[tuple], chip: str) -> tuple[list[list[dict]], l
                     cause = cause.__cause__ or cause.__context__
                 if cause is None:  # it failed before its scheduler ran: a real error
                     raise
-            blockers.append(_cudagraph_blocker(lowerings[-1], gm, kwargs.get("static_input_idxs") or ()))
+            blockers.append(_cudagraph_blocker(lowerings[-1], gm, kwargs.get("static_input_idxs") or (), inputs))
     return graphs, blockers
 
 
