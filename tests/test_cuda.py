@@ -1,9 +1,9 @@
 """The GPU code paths, run only where CUDA is present (skipped on CPU-only machines and in CI).
 
 What differs on a GPU and is therefore checked here: the autocast dtype chosen from the real
-device, fp16 training with GradScaler, bf16 with torch.compile, pinned non-blocking batch loads,
-fused AdamW, the KV cache on device memory, and a checkpoint written from the GPU loading on
-the CPU. ``bash bench/gpu_check.sh`` runs this file first.
+device, fp16 training with GradScaler, bf16 with torch.compile, compile with CUDA graphs, pinned
+non-blocking batch loads, fused AdamW, the KV cache on device memory, and a checkpoint written from
+the GPU loading on the CPU. ``bash bench/gpu_check.sh`` runs this file first.
 """
 
 import math
