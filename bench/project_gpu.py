@@ -1072,10 +1072,10 @@ def _eager(ops: list[Op], chip: dict, tally: dict | None = None) -> tuple[float,
         if op.kind in ("view", "alloc"):
             cpu += _a("eager_view_us") * 1e-6
             continue
-        gpu += _gpu_seconds(op, chip)
+        seconds = _gpu_seconds(op, chip)
+        gpu += seconds
         if tally is not None:
-            kind = _time_kind(op)
-            tally[kind] = tally.get(kind, 0.0) + _gpu_seconds(op, chip)
+            tally[_time_kind(op)] = tally.get(_time_kind(op), 0.0) + seconds
         cpu += (_a("eager_op_us") + _a("eager_extra_launch_us") * (op.launches - 1)) * 1e-6
         if op.kind == "sync":
             cpu += _a("sync_us") * 1e-6
@@ -1259,9 +1259,10 @@ def _compiled(ops: list[Op], chip: dict, trace: Trace, nodes: list[dict] | None 
 def price(trace: Trace, chip: dict, mode: str, micro: int | None = None, regions=None,
           inductor: dict | None = None, tally: dict | None = None) -> dict:
     """GPU time, CPU overhead and kernels of (part of) a trace: forward and backward compiled in
-    'compiled' mode, and also replayed from CUDA graphs in 'cuda_graphs' mode; everything else eager. ``inductor``: Inductor's nodes per region ({"forward": [...],
-    "backward": [...]}, the same for every micro-batch: one compiled graph serves them all). ``tally``
-    (if given) adds the GPU seconds by GPU_TIME_KINDS."""
+    'compiled' mode, and also replayed from CUDA graphs in 'cuda_graphs' mode; everything else eager.
+    ``inductor``: Inductor's nodes per region ({"forward": [...], "backward": [...]}, the same for every
+    micro-batch: one compiled graph serves them all). ``tally`` (if given) adds the GPU seconds by
+    GPU_TIME_KINDS."""
     ops = trace.select(regions, micro)
     gpu = cpu = 0.0
     kernels = 0
@@ -1495,17 +1496,18 @@ def mfu_ceiling(name: str, batches: list[int], chips: list[str], factors: tuple[
     projected; with the forward and backward replayed from CUDA graphs (``TrainConfig.cuda_graphs``;
     the optimizer stays eager); of the GPU's own time alone, with no launch overhead and no host work
     (the bound that CUDA graphs over the whole step, with the batches prepared ahead, could reach at
-    best); and that GPU time split by GPU_TIME_KINDS. A batch other
-    than the preset's changes its recipe; this asks only what the hardware allows at the shape."""
+    best); and that GPU time split by GPU_TIME_KINDS. A batch other than the preset's changes its
+    recipe; this asks only what the hardware allows at the shape."""
     import dataclasses
 
     S = _slm()
     mcfg, tcfg = S.preset(name)
+    flops_per_token = model_info(mcfg, tcfg.block_size)["model_flops_per_token"]
     rows = []
     for B in batches:
         cfg = dataclasses.replace(tcfg, batch_size=B, grad_accum_steps=1, loss_chunk=loss_chunk, muon_stack="on")
         trace = trace_train_step(mcfg, cfg)
-        flops = model_info(mcfg, cfg.block_size)["model_flops_per_token"] * cfg.tokens_per_step
+        flops = flops_per_token * cfg.tokens_per_step
         per_chip = {}
         for c in chips:
             peak = CHIPS[c]["tensor_tflops"] * 1e12
