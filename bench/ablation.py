@@ -287,9 +287,8 @@ def main(argv=None) -> int:
            "kept_share": meta["kept_share_train"],
            "baselines": baselines, "harder_target": baselines["bigram"] - args.harder, "runs": list(done.values())}
 
-    def save():
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=1, default=float))
+    def save():  # after every run: an interrupted ablation keeps what it finished
+        common.write_json(args.out, res)
 
     def run_all(specs):
         todo = [sp for sp in specs if (sp["recipe"], sp["multiplier"], sp["seed"]) not in done]
@@ -332,11 +331,8 @@ def main(argv=None) -> int:
         common.log(f"timing {name}: {timings[name] * 1e3:.0f} ms per step")
     res["timings_s_per_step"] = timings
     res["summary"] = summarize(res["runs"], timings, baselines, res["harder_target"])
-    res["markdown"] = markdown(res)
-    save()
     plot(res, args.plot)
-    print(res["markdown"])
-    return 0
+    return common.write_result(args.out, res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The GPU code paths, run only where CUDA is present (skipped on CPU-only machines and in CI).
 
 What differs on a GPU and is therefore checked here: the autocast dtype chosen from the real
-device, fp16 training with GradScaler, bf16 with torch.compile, compile with CUDA graphs, pinned
-non-blocking batch loads, fused AdamW, the KV cache on device memory, and a checkpoint written from
-the GPU loading on the CPU. ``bash bench/gpu_check.sh`` runs this file first.
+device, fp16 training with GradScaler, bf16 with torch.compile, compile with CUDA graphs (bf16, and
+fp16 with GradScaler), pinned non-blocking batch loads, fused AdamW, the KV cache on device memory,
+and a checkpoint written from the GPU loading on the CPU. ``bash bench/gpu_check.sh`` runs this file first.
 """
 
 import math
@@ -61,14 +61,8 @@ def test_compiled_bf16_training_on_cuda_learns_and_saves_plain_keys(shakespeare_
     assert on_cpu == pytest.approx(history["val_loss"][-1], abs=0.05)  # bf16 on the GPU vs fp32 here
 
 
-def test_cuda_graphs_train_like_compile_alone_and_really_replay(shakespeare_dir, tmp_path, monkeypatch):
-    """compile=True with cuda_graphs=True runs the same kernels, replayed from CUDA graphs: train()
-    gives the losses of compile alone, on the "t4" preset's blocks (Llama, untied, padded vocabulary,
-    Muon, background checkpoints) with the fused head + loss and a length curriculum as well, and the
-    graphs really replay: Inductor declined none (it counts those), and graphs recorded earlier ran
-    again (a recording replays its graph once too; those are not counted)."""
-    from torch._dynamo.utils import counters
-
+def count_graph_calls(monkeypatch) -> dict:
+    """Counts of ``torch.cuda.CUDAGraph.replay`` and ``capture_begin`` calls, kept up to date."""
     calls = {"replay": 0, "capture_begin": 0}
     for name in calls:
         original = getattr(torch.cuda.CUDAGraph, name)
@@ -78,24 +72,54 @@ def test_cuda_graphs_train_like_compile_alone_and_really_replay(shakespeare_dir,
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.cuda.CUDAGraph, name, counting)
-    histories, counts = [], []
+    return calls
+
+
+def graphed_run(calls: dict, model, data_dir, cfg) -> tuple[dict, int, int]:
+    """train() from a fresh compile: (history, graphs Inductor declined, replays beyond the one each
+    recording makes)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    calls.update(replay=0, capture_begin=0)
+    history = s.train(model, data_dir, cfg)
+    return history, counters["inductor"]["cudagraph_skips"], calls["replay"] - calls["capture_begin"]
+
+
+def test_cuda_graphs_train_like_compile_alone_and_really_replay(shakespeare_dir, tmp_path, monkeypatch):
+    """compile=True with cuda_graphs=True runs the same kernels, replayed from CUDA graphs: train()
+    gives the losses of compile alone, on the "t4" preset's blocks (Llama, untied, padded vocabulary,
+    Muon, background checkpoints) with the fused head + loss and a length curriculum as well, and the
+    graphs really replay: Inductor declined none (it counts those), and graphs recorded earlier ran
+    again (a recording replays its graph once too; those are not counted)."""
+    calls = count_graph_calls(monkeypatch)
+    runs = []
     for graphs in (False, True):
-        torch._dynamo.reset()
-        counters.clear()
-        calls.update(replay=0, capture_begin=0)
         model, cfg = smoke(tmp_path / f"graphs-{graphs}", compile=True, cuda_graphs=graphs, arch="llama",
                            tie_weights=False, pad_vocab_multiple=64, optimizer="muon", background_checkpoints=True,
                            loss_chunk=64, curriculum_steps=4, curriculum_start=8)
-        histories.append(s.train(model, shakespeare_dir, cfg))
-        counts.append((counters["inductor"]["cudagraph_skips"], calls["replay"] - calls["capture_begin"]))
-    (_, plain_replays), (skips, graph_replays) = counts
+        runs.append(graphed_run(calls, model, shakespeare_dir, cfg))
+    (plain, _, plain_replays), (graphed, skips, graph_replays) = runs
     assert plain_replays == 0 and skips == 0
     assert graph_replays >= cfg.max_steps // 2  # the full-length stage's steps, after a warm-up and a recording
-    plain, graphed = histories
     assert learned(graphed)
     # the same kernels; atomics in a backward may still round differently from run to run
     assert graphed["train_loss"] == pytest.approx(plain["train_loss"], abs=0.01)
     assert graphed["val_loss"] == pytest.approx(plain["val_loss"], abs=0.01)
+
+
+def test_cuda_graphs_under_fp16_and_gradscaler_learn_as_a_t4_would_run_them(shakespeare_dir, tmp_path, monkeypatch):
+    """The T4's path (fp16 autocast) with CUDA graphs: the backward of the scaled loss is replayed from a
+    graph, and GradScaler's unscale, overflow check and skipped steps run outside it on the gradients
+    that replay wrote."""
+    calls = count_graph_calls(monkeypatch)
+    model, cfg = smoke(tmp_path, dtype="float16", compile=True, cuda_graphs=True)
+    history, skips, replays = graphed_run(calls, model, shakespeare_dir, cfg)
+    assert skips == 0 and replays >= cfg.max_steps // 2
+    assert learned(history) and history["bad_steps"] == 0
+    assert history["skipped_steps"] <= 2  # an overflow or two at the first scale, as without graphs
+    assert s.load_checkpoint(tmp_path / "last.pt")["scaler"]["scale"] > 0
 
 
 def test_pinned_batches_on_cuda_equal_the_cpu_ones(shakespeare_dir):
