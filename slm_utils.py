@@ -2485,15 +2485,14 @@ def train(model: GPT, data_dir, cfg: TrainConfig, *, resume: bool = False,
                 improved, final = evals_since_best == 0, step == cfg.max_steps or evals_since_best >= cfg.patience
                 # last.pt (everything resuming needs) at every evaluation, or once last_every_s have passed
                 due = agree(final or stop or time.perf_counter() - last_saved >= cfg.last_every_s)
-                if improved and not cfg.best_weights_only and due:
-                    checkpoint(last_path, copies=[best_path])  # the same bytes, serialized once
-                else:
-                    if improved:
-                        save_best() if cfg.best_weights_only else checkpoint(best_path)
-                    if due:
-                        checkpoint(last_path)
+                full_best = improved and not cfg.best_weights_only  # best.pt holds what last.pt holds
+                if improved and cfg.best_weights_only:
+                    save_best()
                 if due:
+                    checkpoint(last_path, copies=[best_path] if full_best else ())  # the same bytes, serialized once
                     last_saved = time.perf_counter()
+                elif full_best:
+                    checkpoint(best_path)
                 bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val_loss:.3f}", lr=f"{lr:.2e}",
                                 tok_s=f"{history['tokens_per_s']:,.0f}")
                 if evals_since_best >= cfg.patience:
