@@ -1658,7 +1658,7 @@ def device_batch(cfg: TrainConfig, device: "str | torch.device | None" = None,
     least ``LARGE_GPU_GIB`` of memory (``memory_gib``, default: the device's own), one step's windows
     are regrouped into the largest micro-batches of at most ``LARGE_GPU_MICRO_TOKENS`` tokens that
     divide them. Tokens per step, learning rates and schedule stay as they are; only which windows are
-    drawn changes. A T4 (15 GiB) keeps the preset's split: 128 x 1 would leave it under 2 GiB to
+    drawn changes. A T4 (15 GiB) keeps the preset's split: 128 x 1 would leave it under 1 GiB to
     spare, for the 2-3% the projection expects there. A CPU keeps it too.
     """
     dev = _resolve_device(cfg.device if device is None else str(device))

@@ -415,8 +415,10 @@ def main(argv=None) -> int:
         cpu_graphs = graphs
         graphs, blockers = lower_for_gpu(capture.graphs, args.as_gpu)
         backend = f"triton, {args.as_gpu} stand-in"
-    # the projection's trace of the same micro-batch, with the loss chunk the compiled step used
-    trace = project_gpu.trace_train_step(model.config, dataclasses.replace(tcfg, loss_chunk=args.loss_chunk))
+    # the projection's trace of the same micro-batch, with the loss chunk the compiled step used, in the
+    # form torch.compile receives
+    trace = project_gpu.trace_train_step(model.config, dataclasses.replace(tcfg, loss_chunk=args.loss_chunk),
+                                         compiled=True)
     chip = args.as_gpu or (project_gpu.chip_for_device_name(torch.cuda.get_device_name(device))
                            if device.type == "cuda" else None)
     sms = project_gpu.CHIPS[chip or "H100"]["sms"]

@@ -2,8 +2,8 @@
 """Where one optimizer step's time goes on a GPU: kernel time against wall time, eager and compiled.
 
 The projection (``bench/project_gpu.py``) splits a step into GPU time and the CPU's time to launch
-its kernels, and its compiled figures came out 56-71% optimistic on an H200 (BENCHMARKS.md section
-8). Step time alone cannot say which part it gets wrong; a profile can. For each mode this script
+its kernels, and its compiled figures came out 44-55% optimistic on an H200, calibrated
+(BENCHMARKS.md section 8). Step time alone cannot say which part it gets wrong; a profile can. For each mode this script
 trains a preset's step (``bench/bench_microbatch.make_step``: the preset's model, optimizer, dtype and
 ``slm_utils.train_step``) a few times under ``torch.profiler`` and records, per step:
 

@@ -251,7 +251,10 @@ ASSUMPTIONS: dict[str, dict] = {
                                "reduction splits in two when it leaves fewer than 2 per SM and is longer than "
                                "split_row_reduction_min (Inductor's rules, torch/_inductor/ir.py and choices.py). The "
                                "compiled forward does not keep the loss's fp32 log-probabilities for the backward: "
-                               "they are recomputed from the logits, which the forward reads a second time. Checked "
+                               "they are recomputed from the logits, which the forward reads a second time (the fused "
+                               "head + loss reads each chunk's logits twice too: the softmax's two passes over a "
+                               "50K-wide row). What is priced compiled is the code torch.compile receives, where it "
+                               "differs from eager (the fused head + loss out of place, not in place). Checked "
                                "against Inductor's own scheduler lowered for a stand-in GPU on the CPU "
                                "(bench/inductor_groups.py --as-gpu; BENCHMARKS.md section 8). The optimizer step, "
                                "gradient clipping and the loss bookkeeping of train_step stay eager, as in train(), "
@@ -920,6 +923,36 @@ def _meta_model(mcfg):
         return S.GPT(mcfg)
 
 
+def _compiled_form(compiled: bool):
+    """A context in which the traced code takes the form torch.compile receives, where that differs
+    from what eager runs (``compiled=False``: nothing changes). Inside the fused head + loss
+    (``slm_utils._FusedLinearCrossEntropy.forward``) ``torch.compiler.is_compiling()`` then says True,
+    and the trace holds its out-of-place form. Only there: torch's optimizers read the same flag."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def patched():
+        S, torch = _slm(), _machinery().torch
+        function = S._FusedLinearCrossEntropy
+        eager_forward = function.forward
+
+        def forward(ctx, *args):
+            real = torch.compiler.is_compiling
+            torch.compiler.is_compiling = lambda: True
+            try:
+                return eager_forward(ctx, *args)
+            finally:
+                torch.compiler.is_compiling = real
+
+        function.forward = staticmethod(forward)
+        try:
+            yield
+        finally:
+            function.forward = staticmethod(eager_forward)
+
+    return patched() if compiled else contextlib.nullcontext()
+
+
 def _common():
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
@@ -949,13 +982,15 @@ def trace_forward(mcfg, batch_size: int, seq_len: int | None = None, amp: bool =
     return Trace(rec.ops, rec.peak_bytes)
 
 
-def trace_train_step(mcfg, tcfg, fused: bool | None = None, amp: bool = True) -> Trace:
+def trace_train_step(mcfg, tcfg, fused: bool | None = None, amp: bool = True, compiled: bool = False) -> Trace:
     """One steady-state optimizer step of ``slm_utils.train_step`` at tcfg's micro-batch.
 
     With gradient accumulation two micro-batches are traced: the second stands for all the
     others (it also pays the additions into the existing gradients). ``fused`` is passed to
     ``configure_optimizer`` (None: its GPU default, fused AdamW); ``amp=False`` traces fp32
     without autocast (as on a CPU, which is how the memory timeline is checked in the tests).
+    ``compiled=True`` traces the code torch.compile receives (``_compiled_form``): the one to price
+    compiled. It differs only with the fused head + loss (``loss_chunk`` > 0).
     """
     import dataclasses
 
@@ -973,7 +1008,7 @@ def trace_train_step(mcfg, tcfg, fused: bool | None = None, amp: bool = True) ->
             state = M.State(autocast=torch.bfloat16 if amp else None, tail_on_sync=True,
                             vocab_widths=(mcfg.vocab_size, mcfg.padded_vocab_size))
             rec = M.Recorder(state)
-            with M.regions(model, state), M.GPUFunctionMode(state), rec, \
+            with M.regions(model, state), M.GPUFunctionMode(state), rec, _compiled_form(compiled), \
                     torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
                 S.train_step(model, M.PhaseOptimizer(optimizer, state), scaler, batches, grad_clip=tcfg.grad_clip,
                              device="meta", dtype=torch.float32, loss_chunk=tcfg.loss_chunk)
@@ -991,18 +1026,28 @@ def trace_train_step(mcfg, tcfg, fused: bool | None = None, amp: bool = True) ->
                  param_tensors=n_tensors, micro_batches=len(batches))
 
 
-def trace_eval_batch(mcfg, tcfg) -> Trace:
-    """One batch of ``slm_utils.estimate_loss``: eval mode, no grad, autocast, the loss read back."""
+def trace_eval_batch(mcfg, tcfg, compiled: bool = False) -> Trace:
+    """One batch of ``slm_utils.estimate_loss``: eval mode, no grad, autocast, the loss read back.
+    ``compiled``: as in ``trace_train_step``."""
     M, S = _machinery(), _slm()
     torch = M.torch
     model = _meta_model(mcfg)
     x = torch.zeros(tcfg.eval_batch_size, tcfg.block_size, dtype=torch.long, device="meta")
     state = M.State(autocast=torch.bfloat16, force_autocast=True)
     rec = M.Recorder(state)
-    with M.regions(model, state), M.GPUFunctionMode(state), rec:
+    with M.regions(model, state), M.GPUFunctionMode(state), rec, _compiled_form(compiled):
         S.estimate_loss(model, x, x, batch_size=tcfg.eval_batch_size, device="meta", dtype=torch.float32,
                         loss_chunk=tcfg.loss_chunk)
     return Trace(rec.ops, rec.peak_bytes)
+
+
+def traces_by_mode(trace, mcfg, tcfg, **kwargs) -> dict[str, Trace]:
+    """``trace`` (``trace_train_step`` or ``trace_eval_batch``) for each pricing mode: the eager code
+    for "eager", the code torch.compile receives for "compiled" and "cuda_graphs" (one trace for all
+    three when they are the same code, as without the fused head + loss)."""
+    eager = trace(mcfg, tcfg, **kwargs)
+    compiled = trace(mcfg, tcfg, compiled=True, **kwargs) if tcfg.loss_chunk else eager
+    return {"eager": eager, "compiled": compiled, "cuda_graphs": compiled}
 
 
 def trace_decode_step(mcfg, cache_len: int | None = None) -> Trace:
@@ -1160,7 +1205,10 @@ def _loop_bytes(loop: list[Op], trace: Trace, end: int, read_elsewhere: set[int]
     external: dict = {}  # storages read from outside: once each
     written: dict[int, int] = {}
     dropped: set[int] = set()
-    source: dict[int, dict[int, int]] = {}  # a result made straight from memory: what it was made from
+    # a result computed out of place, through any chain of the loop's ops, from what the loop read
+    # from memory: those reads (recomputing it means reading them again). A tensor changed in place
+    # has none: its reads alone do not make it
+    source: dict[int, dict[int, int]] = {}
     for op in loop:
         for uid, b in op.reads.items():
             if uid not in produced:
@@ -1175,9 +1223,15 @@ def _loop_bytes(loop: list[Op], trace: Trace, end: int, read_elsewhere: set[int]
             for uid in op.reads:
                 for src, b in source.get(uid, {uid: op.reads[uid]}).items():
                     external[("again", src)] = b
-        for uid in op.writes:
-            if all(u not in produced or u in op.writes for u in op.reads):
-                source[uid] = {u: b for u, b in op.reads.items() if u not in op.writes}
+        if op.reads.keys() & op.writes.keys():
+            for uid in op.writes:
+                source.pop(uid, None)
+        elif all(u not in produced or u in source for u in op.reads):
+            made_from = {}
+            for u, b in op.reads.items():
+                made_from.update(source.get(u, {u: b}))
+            for uid in op.writes:
+                source[uid] = made_from
     stored = sum(b for uid, b in written.items() if uid not in dropped and (
         trace.last_read.get(uid, -1) > end or uid in external or uid in read_elsewhere))
     # a reduction over rows beside the loop's own work is a kernel of its own, which reads its inputs
@@ -1374,11 +1428,12 @@ def _figures(step: dict, ev: dict, dec: dict, tcfg, info: dict, chip: dict, ckpt
 
 def project_preset(name: str, chips: list[str], factors: tuple[float, float] | None = None,
                    overrides: dict | None = None) -> dict:
-    """Trace a preset once, price it on every chip, eager and compiled; with ``factors``, also calibrated."""
+    """Trace a preset (once per form of its code), price it on every chip, eager and compiled; with
+    ``factors``, also calibrated."""
     S = _slm()
     mcfg, tcfg = S.preset(name, **(overrides or {}))
-    train = trace_train_step(mcfg, tcfg)
-    evaluation = trace_eval_batch(mcfg, tcfg)
+    trains, evaluations = traces_by_mode(trace_train_step, mcfg, tcfg), traces_by_mode(trace_eval_batch, mcfg, tcfg)
+    train = trains["eager"]  # memory, checkpoint bytes and FLOPs: the same in both forms
     decode = trace_decode_step(mcfg)
     info = model_info(mcfg, tcfg.block_size)
     tokens = tcfg.tokens_per_step
@@ -1412,8 +1467,8 @@ def project_preset(name: str, chips: list[str], factors: tuple[float, float] | N
         dec = price(decode, chip, "eager")  # generate never runs the compiled model
         per_chip[chip_name] = {}
         for mode in ("eager", "compiled"):
-            step = step_cost(train, tcfg, chip, mode)
-            ev = price(evaluation, chip, mode)
+            step = step_cost(trains[mode], tcfg, chip, mode)
+            ev = price(evaluations[mode], chip, mode)
             e = _figures(step, ev, dec, tcfg, info, chip, ckpt, n_evals, eval_batches, None)
             e.update({"tok_s_overlapped": tokens / step["overlapped_s"], "gpu_ms": step["gpu_s"] * 1e3,
                       "overhead_ms": step["cpu_s"] * 1e3, "host_ms": step["host_s"] * 1e3,
@@ -1428,12 +1483,13 @@ def project_preset(name: str, chips: list[str], factors: tuple[float, float] | N
 def _variant_row(mcfg, tcfg, chips: list[str], factors: tuple[float, float] | None) -> dict:
     """One traced variant of a preset's step: its micro-batch, peak memory, FLOPs, and training tok/s
     on each chip, eager and compiled (and calibrated, with factors)."""
-    trace = trace_train_step(mcfg, tcfg)
+    traces = traces_by_mode(trace_train_step, mcfg, tcfg)
+    trace = traces["eager"]
     rates = {}
     for c in chips:
         rates[c] = {}
         for mode in ("eager", "compiled"):
-            step = step_cost(trace, tcfg, CHIPS[c], mode)
+            step = step_cost(traces[mode], tcfg, CHIPS[c], mode)
             rates[c][mode] = tcfg.tokens_per_step / _seconds(step, None)
             rates[c][mode + "_kernels"] = step["kernels"]
             if factors:
@@ -1506,7 +1562,8 @@ def mfu_ceiling(name: str, batches: list[int], chips: list[str], factors: tuple[
     rows = []
     for B in batches:
         cfg = dataclasses.replace(tcfg, batch_size=B, grad_accum_steps=1, loss_chunk=loss_chunk, muon_stack="on")
-        trace = trace_train_step(mcfg, cfg)
+        traces = traces_by_mode(trace_train_step, mcfg, cfg)
+        trace = traces["compiled"]
         flops = flops_per_token * cfg.tokens_per_step
         per_chip = {}
         for c in chips:
@@ -1521,7 +1578,8 @@ def mfu_ceiling(name: str, batches: list[int], chips: list[str], factors: tuple[
                 e["cuda_graphs_mfu_calibrated"] = flops / _seconds(graphs, factors) / peak
                 e["gpu_only_mfu_calibrated"] = e["gpu_only_mfu"] / factors[0]
             per_chip[c] = e
-        rows.append({"batch_size": B, "tokens_per_step": cfg.tokens_per_step, "peak_gib": peak_memory(trace)["peak_gib"],
+        rows.append({"batch_size": B, "tokens_per_step": cfg.tokens_per_step,
+                     "peak_gib": peak_memory(traces["eager"])["peak_gib"],
                      "chips": per_chip})
     return {"preset": name, "loss_chunk": loss_chunk, "rows": rows}
 
@@ -1672,8 +1730,8 @@ def gpu_run_checks(run_dir: str | Path, inductor: list[dict] = ()) -> dict:
         head += ", Muon stacked" if stacked else ""
         label = "compiled, CUDA graphs" if mode == "cuda_graphs" else mode
         what = f"'{sweep['preset']}' preset, {r['micro_batch']} x {r['grad_accum_steps']}, {label}{head}"
-        if mode != "eager":
-            add_compiled(what, r["tokens_per_s"], trace_train_step(pm, cfg), pm, cfg, mode)
+        if mode != "eager":  # the code as it is now (see _compiled_form)
+            add_compiled(what, r["tokens_per_s"], trace_train_step(pm, cfg, compiled=True), pm, cfg, mode)
         else:
             add(what, r["tokens_per_s"], cfg.tokens_per_step, step_cost(trace_train_step(pm, cfg), cfg, chip, mode))
     for r in decode["rows"]:

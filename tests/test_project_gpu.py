@@ -287,6 +287,26 @@ def test_fused_head_and_loss_keeps_the_flops_and_cuts_the_peak():
     assert puts and all(op.bytes < 64 * 1024 for op in puts)  # 64 rows' targets, not 64 x 50,304 logits
 
 
+def test_compiled_pricing_traces_the_fused_loss_as_torch_compile_receives_it():
+    """Under torch.compile the fused head + loss works on each chunk out of place (its eager form, in
+    place). The compiled price comes from that form, and its fused loop per chunk moves the logits
+    read twice (the softmax's two passes) and the gradient written once: about 3 bf16 chunks, not 4
+    (an fp32 copy read again) and not more. Without the fused loss all modes share one trace."""
+    mcfg = small_config(vocab_size=50257, pad_vocab_multiple=64)
+    tcfg = small_train_config(batch_size=16, loss_chunk=64)
+    traces = pg.traces_by_mode(pg.trace_train_step, mcfg, tcfg)
+    assert traces["compiled"] is traces["cuda_graphs"] is not traces["eager"]
+    names = {mode: {op.name for op in tr.ops if op.region == "forward"} for mode, tr in traces.items()}
+    assert {"exp_", "index_put_"} <= names["eager"] and not {"masked_fill", "where"} & names["eager"]
+    assert {"masked_fill", "where"} <= names["compiled"] and not {"exp_", "index_put_"} & names["compiled"]
+    forward = [op for op in traces["compiled"].ops if op.region == "forward" and op.micro == 0]
+    chunks = [g["bytes"] / (64 * 50304 * 2) for g in pg._fused_groups(forward, traces["compiled"], 132)
+              if "op" not in g and g["logits"] and g["bytes"] > 64 * 50304]
+    assert len(chunks) == 16 * 32 // 64 and all(c == pytest.approx(3, rel=0.05) for c in chunks), chunks
+    plain = pg.traces_by_mode(pg.trace_eval_batch, mcfg, small_train_config())
+    assert plain["eager"] is plain["compiled"]
+
+
 def _optimizer_kernels(trace) -> int:
     return sum(op.launches for op in trace.ops if op.region == "optimizer" and op.kind not in ("view", "alloc"))
 
