@@ -331,8 +331,9 @@ def main(argv=None) -> int:
         common.log(f"timing {name}: {timings[name] * 1e3:.0f} ms per step")
     res["timings_s_per_step"] = timings
     res["summary"] = summarize(res["runs"], timings, baselines, res["harder_target"])
+    common.write_result(args.out, res, markdown(res))  # before the plot: a plot that fails keeps the figures
     plot(res, args.plot)
-    return common.write_result(args.out, res, markdown(res))
+    return 0
 
 
 if __name__ == "__main__":

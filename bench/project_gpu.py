@@ -1232,6 +1232,9 @@ def _loop_bytes(loop: list[Op], trace: Trace, end: int, read_elsewhere: set[int]
                 made_from.update(source.get(u, {u: b}))
             for uid in op.writes:
                 source[uid] = made_from
+        else:  # made from a result the loop cannot recompute from memory
+            for uid in op.writes:
+                source.pop(uid, None)
     stored = sum(b for uid, b in written.items() if uid not in dropped and (
         trace.last_read.get(uid, -1) > end or uid in external or uid in read_elsewhere))
     # a reduction over rows beside the loop's own work is a kernel of its own, which reads its inputs
@@ -1433,7 +1436,9 @@ def project_preset(name: str, chips: list[str], factors: tuple[float, float] | N
     S = _slm()
     mcfg, tcfg = S.preset(name, **(overrides or {}))
     trains, evaluations = traces_by_mode(trace_train_step, mcfg, tcfg), traces_by_mode(trace_eval_batch, mcfg, tcfg)
-    train = trains["eager"]  # memory, checkpoint bytes and FLOPs: the same in both forms
+    # FLOPs and checkpoint bytes are the same in both forms; peak memory is the eager one's
+    # (ASSUMPTIONS['memory']): Inductor keeps none of the out-of-place chunk's temporaries
+    train = trains["eager"]
     decode = trace_decode_step(mcfg)
     info = model_info(mcfg, tcfg.block_size)
     tokens = tcfg.tokens_per_step
