@@ -113,6 +113,14 @@ def measure_row(preset: str, micro_batch: int, windows: int, device: torch.devic
             "mfu": rate * fpt / (peak_tflops * 1e12), "peak_allocated_gib": peak_gib}
 
 
+def _mode(row: dict) -> str:
+    """How a row ran: eager, compiled, or compiled with CUDA graphs (rows before 2026-11-30 have no
+    "cuda_graphs")."""
+    if not row["compiled"]:
+        return "eager"
+    return "compiled + CUDA graphs" if row.get("cuda_graphs") else "compiled"
+
+
 def markdown(res: dict) -> str:
     lines = ["| micro-batch x accumulation | mode | head + loss | Muon | tok/s | step ms (q1-q3) | MFU | "
              "peak GiB allocated |", "|---|---|---|---|---|---|---|---|"]
@@ -120,8 +128,7 @@ def markdown(res: dict) -> str:
         head = f"fused, {r['loss_chunk']:,}-row chunks" if r["loss_chunk"] else "plain"
         peak = f"{r['peak_allocated_gib']:.1f}" if r["peak_allocated_gib"] is not None else "n/a"
         muon = ("stacked" if r.get("muon_stacked") else "one matrix at a time") if r["optimizer"] == "muon" else "-"
-        mode = ("compiled + CUDA graphs" if r.get("cuda_graphs") else "compiled") if r["compiled"] else "eager"
-        lines.append(f"| {r['micro_batch']} x {r['grad_accum_steps']} | {mode} | "
+        lines.append(f"| {r['micro_batch']} x {r['grad_accum_steps']} | {_mode(r)} | "
                      f"{head} | {muon} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} ({r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}) | "
                      f"{r['mfu']:.1%} | {peak} |")
     return "\n".join(lines)
@@ -156,8 +163,7 @@ def main(argv=None) -> int:
                                     warmup=args.warmup, steps=args.steps, tiny=args.tiny, peak_tflops=peak["tflops"],
                                     **overrides))
             r = rows[-1]
-            mode = ("compiled + CUDA graphs" if r["cuda_graphs"] else "compiled") if comp else "eager"
-            common.log(f"[microbatch] {mb} x {r['grad_accum_steps']}, {mode}, "
+            common.log(f"[microbatch] {mb} x {r['grad_accum_steps']}, {_mode(r)}, "
                        f"loss_chunk {chunk}, Muon {'stacked' if r['muon_stacked'] else 'unstacked'}: "
                        f"{r['tokens_per_s']:,.0f} tok/s, MFU {r['mfu']:.1%}, "
                        f"warm-up {r['warmup_s']:.1f} s, peak {r['peak_allocated_gib'] or 0:.1f} GiB")

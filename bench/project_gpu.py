@@ -47,6 +47,7 @@ reads the JSON this script wrote. Importing this module imports nothing heavier 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -535,7 +536,6 @@ def _machinery():
     cached = globals().get("_MACHINERY")
     if cached is not None:
         return cached
-    import contextlib
     import itertools
     import types
     import weakref
@@ -923,34 +923,26 @@ def _meta_model(mcfg):
         return S.GPT(mcfg)
 
 
+@contextlib.contextmanager
 def _compiled_form(compiled: bool):
     """A context in which the traced code takes the form torch.compile receives, where that differs
     from what eager runs (``compiled=False``: nothing changes). Inside the fused head + loss
     (``slm_utils._FusedLinearCrossEntropy.forward``) ``torch.compiler.is_compiling()`` then says True,
     and the trace holds its out-of-place form. Only there: torch's optimizers read the same flag."""
-    import contextlib
+    if not compiled:
+        yield
+        return
+    from unittest import mock
 
-    @contextlib.contextmanager
-    def patched():
-        S, torch = _slm(), _machinery().torch
-        function = S._FusedLinearCrossEntropy
-        eager_forward = function.forward
+    S, torch = _slm(), _machinery().torch
+    eager_forward = S._FusedLinearCrossEntropy.forward
 
-        def forward(ctx, *args):
-            real = torch.compiler.is_compiling
-            torch.compiler.is_compiling = lambda: True
-            try:
-                return eager_forward(ctx, *args)
-            finally:
-                torch.compiler.is_compiling = real
+    def forward(ctx, *args):
+        with mock.patch.object(torch.compiler, "is_compiling", lambda: True):
+            return eager_forward(ctx, *args)
 
-        function.forward = staticmethod(forward)
-        try:
-            yield
-        finally:
-            function.forward = staticmethod(eager_forward)
-
-    return patched() if compiled else contextlib.nullcontext()
+    with mock.patch.object(S._FusedLinearCrossEntropy, "forward", staticmethod(forward)):
+        yield
 
 
 def _common():
